@@ -1,0 +1,24 @@
+"""Strategy backends behind the one trainer."""
+
+from scale_ssl.strategies.base import Strategy
+from scale_ssl.strategies.ddp import ClusterEnvironment, DDPStrategy
+from scale_ssl.strategies.single import SingleDeviceStrategy
+
+STRATEGIES = {
+    "single": SingleDeviceStrategy,
+    "ddp": DDPStrategy,
+}
+
+
+def build_strategy(strategy, **options) -> Strategy:
+    """``"ddp"`` / ``"single"`` / a ``Strategy`` instance -> a ``Strategy``."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"trainer.strategy={strategy!r} is not a known strategy; use one of {sorted(STRATEGIES)}"
+        )
+    return STRATEGIES[strategy](**options)
+
+
+__all__ = ["Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "STRATEGIES", "build_strategy"]

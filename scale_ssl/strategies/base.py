@@ -1,0 +1,127 @@
+"""The narrow interface between the one training loop and a distribution engine.
+
+A strategy owns: the process group (or its absence), where tensors live, how the module is
+wrapped for training, how backward and the optimizer step run, gradient-sync suppression for
+accumulation, and how checkpoints are written and read. The trainer calls only what is below;
+methods and losses see only ``strategy.collective``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from scale_ssl.collectives import Collective
+from scale_ssl.strategies.checkpoint_io import load_checkpoint_file, save_checkpoint_file
+
+
+class Strategy(ABC):
+    """One base class, flat subclasses: ``SingleDeviceStrategy``, ``DDPStrategy``, ..."""
+
+    name: str = "base"
+
+    def __init__(self, accelerator: str = "auto"):
+        if accelerator not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"trainer.accelerator={accelerator!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+        self.accelerator = accelerator
+
+    # -- world -----------------------------------------------------------------------------
+    @abstractmethod
+    def setup_environment(self) -> None:
+        """Create the process group / pick the device. Called once, before anything else."""
+
+    @property
+    @abstractmethod
+    def collective(self) -> Collective: ...
+
+    @property
+    def world_size(self) -> int:
+        return self.collective.world_size
+
+    @property
+    def global_rank(self) -> int:
+        return self.collective.rank
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def root_device(self) -> torch.device:
+        if self.accelerator == "cuda" or (self.accelerator == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    # -- model -----------------------------------------------------------------------------
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """Move ``module`` to the device and return what the loop should call for training.
+
+        ``module`` is the trainer's training-step adapter (its ``forward`` runs
+        ``training_step``), so wrapping it in DDP puts the step under DDP's gradient hooks.
+        """
+        return module.to(self.root_device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure=None) -> Any:
+        return optimizer.step(closure) if closure is not None else optimizer.step()
+
+    def no_backward_sync(self, wrapped: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+        """Skip gradient synchronisation (non-final micro-batches of gradient accumulation)."""
+        return contextlib.nullcontext()
+
+    def batch_to_device(self, batch: Any) -> Any:
+        device = self.root_device
+        if device.type == "cpu":
+            return batch
+        return _move(batch, device)
+
+    # -- communication for the trainer -----------------------------------------------------
+    def reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        return self.collective.all_reduce(tensor, op=op)
+
+    def barrier(self) -> None:
+        self.collective.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather_object(self, obj: Any) -> list:
+        return [obj]
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict, path: str) -> None:
+        """Rank zero writes the file atomically; every rank waits until it exists."""
+        if self.is_global_zero:
+            save_checkpoint_file(checkpoint, path)
+        self.barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        return load_checkpoint_file(path)
+
+    def teardown(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(world_size={self.world_size}, rank={self.global_rank})"
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        moved = [_move(b, device) for b in batch]
+        return type(batch)(moved) if isinstance(batch, list) else tuple(moved)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,166 @@
+"""DistributedDataParallel over a ``torch.distributed`` process group.
+
+Processes are started by a real launcher (``torchrun``, SLURM's ``srun``, ``accelerate launch``);
+this strategy only reads the environment they set. nccl on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from scale_ssl.collectives import Collective, TorchDistributedCollective
+from scale_ssl.strategies.base import Strategy
+
+
+@dataclass(frozen=True)
+class ClusterEnvironment:
+    """Where this process sits in the job, as told by the launcher."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str
+
+    @staticmethod
+    def detect() -> "ClusterEnvironment":
+        env = os.environ
+        if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, deepspeed
+            return ClusterEnvironment(
+                rank=int(env["RANK"]),
+                world_size=int(env["WORLD_SIZE"]),
+                local_rank=int(env.get("LOCAL_RANK", 0)),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+                source="torchrun",
+            )
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # one srun task per process
+            return ClusterEnvironment(
+                rank=int(env["SLURM_PROCID"]),
+                world_size=int(env["SLURM_NTASKS"]),
+                local_rank=int(env.get("SLURM_LOCALID", 0)),
+                master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+                source="slurm",
+            )
+        raise RuntimeError(
+            "trainer.strategy=ddp needs a launcher that sets RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS): "
+            "run `torchrun --nproc_per_node N -m scale_ssl fit ...`, or use trainer.strategy=single"
+        )
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as ``gpu[003-006,010],cpu01`` -> ``gpu003``."""
+    first = nodelist.split(",")[0]
+    match = re.match(r"^([^\[]+)\[([0-9]+)", nodelist)
+    if match:
+        return match.group(1) + match.group(2)
+    return first
+
+
+class DDPStrategy(Strategy):
+    """``torch.nn.parallel.DistributedDataParallel`` with an optional SyncBatchNorm conversion.
+
+    Args:
+        sync_batchnorm: convert BatchNorm layers to ``SyncBatchNorm`` so statistics are global
+            (SimCLR's "global BN"; local BN lets a contrastive model cheat, google-research/simclr
+            #114). Costs one all_reduce per BN layer per step.
+        timeout_s: collective timeout; a rank that died leaves the others failing after this long
+            instead of hanging forever.
+        find_unused_parameters, static_graph, gradient_as_bucket_view: passed to DDP.
+    """
+
+    name = "ddp"
+
+    def __init__(
+        self,
+        accelerator: str = "auto",
+        sync_batchnorm: bool = False,
+        timeout_s: float = 1800.0,
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        gradient_as_bucket_view: bool = True,
+        backend: str | None = None,
+    ):
+        super().__init__(accelerator)
+        self.sync_batchnorm = sync_batchnorm
+        self.timeout_s = timeout_s
+        self.find_unused_parameters = find_unused_parameters
+        self.static_graph = static_graph
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+        self.backend = backend
+        self._collective: Collective | None = None
+        self._owns_group = False
+        self.env: ClusterEnvironment | None = None
+
+    def setup_environment(self) -> None:
+        if dist.is_initialized():  # a caller (test, notebook) already made the group
+            self._collective = TorchDistributedCollective()
+            return
+        self.env = ClusterEnvironment.detect()
+        os.environ.setdefault("MASTER_ADDR", self.env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(self.env.master_port))
+        backend = self.backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+        dist.init_process_group(
+            backend=backend,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            timeout=datetime.timedelta(seconds=self.timeout_s),
+        )
+        self._owns_group = True
+        self._collective = TorchDistributedCollective()
+
+    @property
+    def local_rank(self) -> int:
+        return self.env.local_rank if self.env is not None else int(os.environ.get("LOCAL_RANK", 0))
+
+    @property
+    def collective(self) -> Collective:
+        if self._collective is None:
+            raise RuntimeError("DDPStrategy.setup_environment() has not run yet")
+        return self._collective
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        if self.sync_batchnorm:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        module = module.to(self.root_device)
+        device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
+        return DistributedDataParallel(
+            module,
+            device_ids=device_ids,
+            find_unused_parameters=self.find_unused_parameters,
+            static_graph=self.static_graph,
+            gradient_as_bucket_view=self.gradient_as_bucket_view,
+        )
+
+    def no_backward_sync(self, wrapped: nn.Module, enabled: bool):
+        if enabled and isinstance(wrapped, DistributedDataParallel):
+            return wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def broadcast_object(self, obj, src: int = 0):
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def teardown(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False

@@ -1,0 +1,7 @@
+"""The loop, the module API, callbacks, precision and checkpoint contents."""
+
+from scale_ssl.trainer.callback import Callback
+from scale_ssl.trainer.module import SSLModule
+from scale_ssl.trainer.trainer import Trainer
+
+__all__ = ["Trainer", "SSLModule", "Callback"]
