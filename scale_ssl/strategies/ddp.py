@@ -104,6 +104,8 @@ class DDPStrategy(Strategy):
         self.env: ClusterEnvironment | None = None
 
     def setup_environment(self) -> None:
+        if self._collective is not None:  # idempotent: the CLI sets up before building data
+            return
         if dist.is_initialized():  # a caller (test, notebook) already made the group
             self._collective = TorchDistributedCollective()
             return

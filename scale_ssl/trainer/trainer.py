@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from scale_ssl.strategies import Strategy, build_strategy
+from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer.callback import Callback
 from scale_ssl.trainer.module import SSLModule
 from scale_ssl.trainer.optimizer_config import SchedulerConfig, parse_optimizer_config
@@ -416,12 +417,10 @@ class Trainer:
         if self._logger_arg is False:
             return None
         run_id = checkpoint.get("mlflow_run_id") if checkpoint else None
-        if self._logger_arg is None:
-            from scale_ssl.tracking import MLflowLogger
-
-            return MLflowLogger(default_root_dir=self.default_root_dir, run_id=run_id, rank=self.strategy.global_rank)
         logger = self._logger_arg
-        if run_id is not None and hasattr(logger, "continue_run"):
+        if logger is None:
+            logger = MLflowLogger(default_root_dir=self.default_root_dir, rank=self.strategy.global_rank)
+        if run_id is not None:
             logger.continue_run(run_id)
         return logger
 

@@ -1,0 +1,154 @@
+"""Load a run config: schema defaults <- YAML file <- ``key=value`` overrides, then validate.
+
+Every problem becomes one ``ConfigError`` whose message names the key and says how to fix it;
+the CLI prints that line and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import types
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from scale_ssl.config.schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the fix."""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path!r}: no such file; pass the path of a YAML config such as configs/simclr/fmnist_cpu.yaml")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:
+            raise ConfigError(f"--config {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. trainer.max_steps=50")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"overrides {list(overrides)}: {_first_line(err)}") from None
+    try:
+        config = OmegaConf.merge(*layers)
+    except ConfigKeyError as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key {key!r} is not known; {_valid_keys_hint(key)}") from None
+    except ValidationError as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config: {_first_line(err)}") from None
+    validate_config(config)
+    return config
+
+
+def validate_config(config: DictConfig) -> None:
+    from scale_ssl.methods import METHODS
+    from scale_ssl.strategies import STRATEGIES
+    from scale_ssl.trainer.precision import PRECISIONS
+
+    t = config.trainer
+    if config.method not in METHODS:
+        raise ConfigError(f"method={config.method!r} is not known; use one of {sorted(METHODS)}")
+    if t.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={t.strategy!r} is not known; use one of {sorted(STRATEGIES)}")
+    if str(t.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r} is not supported; use one of {PRECISIONS}")
+    for key in ("global_batch_size", "accumulate_grad_batches", "log_every_n_steps"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps must be -1 (bounded by max_epochs) or >= 1, got {t.max_steps}")
+    if t.max_steps == -1 and t.max_epochs is None:
+        raise ConfigError("set trainer.max_steps or trainer.max_epochs: with neither the run has no end")
+    d = config.data
+    if d.channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {d.channels}")
+    for key in ("mean", "std"):
+        if len(d[key]) != d.channels:
+            raise ConfigError(f"data.{key} has {len(d[key])} values but data.channels={d.channels}; give one per channel")
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(d.crop_scale)}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    check_kwargs(METHODS[config.method], OmegaConf.to_container(config.model, resolve=True), section="model")
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: int) -> int:
+    """Design contract 1: the global batch is what the config names; the device batch follows."""
+    denominator = world_size * accumulate
+    if global_batch_size % denominator != 0:
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch_size} is not divisible by world_size ({world_size}) x "
+            f"trainer.accumulate_grad_batches ({accumulate}) = {denominator}; pick a multiple of {denominator}"
+        )
+    return global_batch_size // denominator
+
+
+def check_kwargs(cls, kwargs: dict, section: str) -> None:
+    """Check ``kwargs`` against ``cls.__init__``: unknown names and wrong simple types."""
+    signature = inspect.signature(cls.__init__)
+    params = {
+        n: p for n, p in signature.parameters.items()
+        if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    hints = typing.get_type_hints(cls.__init__)
+    for name, value in kwargs.items():
+        if name not in params:
+            raise ConfigError(
+                f"{section}.{name} is not an argument of {cls.__name__}; valid keys: {', '.join(sorted(params))}"
+            )
+        expected = hints.get(name)
+        if expected is not None and not _matches(value, expected):
+            raise ConfigError(
+                f"{section}.{name}={value!r} has type {type(value).__name__}, but {cls.__name__} expects {_type_name(expected)}"
+            )
+
+
+def _matches(value: Any, expected) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is Any:
+        return True
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, type):
+        return isinstance(value, expected)
+    return True
+
+
+def _type_name(expected) -> str:
+    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def _valid_keys_hint(full_key: str) -> str:
+    section = full_key.split(".")[0] if "." in full_key else None
+    schema = OmegaConf.structured(RunConfig)
+    if section and section in schema and isinstance(schema[section], DictConfig):
+        return f"valid keys in {section!r}: {', '.join(sorted(schema[section].keys()))}"
+    return f"valid top-level keys: {', '.join(sorted(schema.keys()))}"

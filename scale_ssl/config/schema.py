@@ -1,0 +1,74 @@
+"""The run configuration: typed sections with defaults, read from YAML plus dotted overrides.
+
+``trainer``, ``data``, ``tracking`` and ``eval`` are fixed schemas (OmegaConf structured configs,
+so an unknown key or a wrong type is rejected by name). ``model`` holds the keyword arguments of
+the chosen ``method`` class and is checked against that class's signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class TrainerConfig:
+    strategy: str = "single"
+    accelerator: str = "auto"
+    # The global batch is the unit (design contract 1): per-device batch = global / (world x accum).
+    global_batch_size: int = 256
+    accumulate_grad_batches: int = 1
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    precision: str = "32"
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: str = "norm"
+    log_every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 0
+    enable_progress_bar: bool = True
+    default_root_dir: str = "runs/default"
+    sync_batchnorm: bool = False
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    # Threads per process for intra-op CPU parallelism; null: cores / local ranks.
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/fashion-mnist/train"
+    val_shards: Optional[str] = "data/fashion-mnist/test"
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    image_size: int = 28
+    channels: int = 1
+    mean: List[float] = field(default_factory=lambda: [0.2860])
+    std: List[float] = field(default_factory=lambda: [0.3530])
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    jitter_strength: float = 0.5
+    gaussian_blur: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None
+    experiment_name: str = "scale_ssl"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    batch_size: int = 512
+
+
+@dataclass
+class RunConfig:
+    method: str = "simclr"
+    model: Dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,157 @@
+"""LARS: SGD with momentum and a layer-wise trust ratio, for very large batches.
+
+You, Gitman, Ginsburg. "Large Batch Training of Convolutional Networks", 2017 (arXiv:1708.03888),
+in the form SimCLR (arXiv:2002.05709) and BYOL (arXiv:2006.07733) train with at batch 4096.
+
+For every parameter tensor p with gradient g, in a group with learning rate lr, momentum m,
+weight decay wd and trust coefficient eta:
+
+    g     <- g + wd * p                                  (skipped when wd == 0)
+    trust  = eta * ||p|| / ||g||   if p is adapted and ||p|| > 0 and ||g|| > 0,   else 1
+    u      = trust * g
+    buf   <- m * buf + u                                 (buf starts at 0)
+    p     <- p - lr * buf                                (nesterov: p <- p - lr * (u + m * buf))
+
+The trust ratio gives every layer a step proportional to its own weight norm, so no layer's
+update dominates when lr is scaled up with the batch. Biases and normalisation weights are
+usually *excluded*: they get neither the trust ratio nor weight decay, i.e. plain SGD with
+momentum. Exclude them either with parameter groups carrying ``lars_adaptation=False`` and
+``weight_decay=0.0`` (``scale_ssl.optim.exclude_bn_bias_groups`` builds these), or with
+``exclude_from_adaptation=callable(param) -> bool``, which removes a parameter from both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+
+class LARS(Optimizer):
+    """Layer-wise Adaptive Rate Scaling on top of SGD with momentum (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer. A group may
+            override ``lr``, ``momentum``, ``weight_decay``, ``eta``, ``nesterov`` and
+            ``lars_adaptation`` (bool, default True).
+        lr: base learning rate (SimCLR: 0.3 x batch / 256, under a warmup-cosine schedule).
+        momentum: momentum factor in [0, 1).
+        weight_decay: L2 coefficient added to the gradient before the trust ratio (SimCLR: 1e-6).
+        eta: trust coefficient, > 0 (SimCLR and BYOL: 0.001).
+        nesterov: use Nesterov momentum; needs momentum > 0.
+        exclude_from_adaptation: optional ``callable(param) -> bool``; a parameter for which it
+            returns True gets neither the trust ratio nor weight decay, whatever its group says.
+            It is not saved in ``state_dict()``: pass the same callable when you rebuild the
+            optimizer to resume.
+
+    Weight decay and adaptation are separate group settings: a group with
+    ``lars_adaptation=False`` but ``weight_decay > 0`` gets decayed plain SGD. That is why the
+    exclusion groups set ``weight_decay=0.0`` explicitly.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        nesterov: bool = False,
+        exclude_from_adaptation: Callable[[torch.Tensor], bool] | None = None,
+    ):
+        if exclude_from_adaptation is not None and not callable(exclude_from_adaptation):
+            raise TypeError(
+                "LARS: exclude_from_adaptation must be None or a callable(param) -> bool, got "
+                f"{type(exclude_from_adaptation).__name__}; to exclude by name, build parameter groups "
+                "with scale_ssl.optim.exclude_bn_bias_groups instead"
+            )
+        # Set before super().__init__, which calls add_param_group (and so our validation).
+        self.exclude_from_adaptation = exclude_from_adaptation
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov, lars_adaptation=True
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1], index=len(self.param_groups) - 1)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("exclude_from_adaptation", None)
+        for group in self.param_groups:
+            group.setdefault("lars_adaptation", True)
+            group.setdefault("nesterov", False)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Take one LARS step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            lr, momentum, weight_decay, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS: sparse gradients are not supported; use dense embeddings")
+                excluded = self.exclude_from_adaptation is not None and bool(self.exclude_from_adaptation(p))
+                adapt = group["lars_adaptation"] and not excluded
+
+                update = p.grad
+                if weight_decay != 0 and not excluded:
+                    update = update.add(p, alpha=weight_decay)
+                if adapt:
+                    param_norm = torch.linalg.vector_norm(p)
+                    update_norm = torch.linalg.vector_norm(update)
+                    # torch.where instead of a Python `if` keeps the step free of device-to-host
+                    # syncs; a zero norm (fresh zero-init layer, no gradient) means "no scaling".
+                    trust = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        eta * param_norm / update_norm,
+                        torch.ones_like(param_norm),
+                    )
+                    update = update.mul(trust)
+
+                if momentum != 0:
+                    state = self.state[p]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        buffer = state["momentum_buffer"] = update.clone()
+                    else:
+                        buffer.mul_(momentum).add_(update)
+                    update = update.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                p.add_(update, alpha=-lr)
+        return loss
+
+
+def _validate_group(group: dict, index: int) -> None:
+    where = "LARS" if index == 0 else f"LARS param group {index}"
+
+    def number(name: str) -> float:
+        value = group[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: {name} must be a finite number, got {group[name]!r}")
+        return value
+
+    if number("lr") < 0:
+        raise ValueError(f"{where}: lr must be >= 0, got {group['lr']!r}")
+    if not 0 <= number("momentum") < 1:
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {group['momentum']!r}")
+    if number("weight_decay") < 0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']!r}")
+    if number("eta") <= 0:
+        raise ValueError(
+            f"{where}: eta must be > 0 (SimCLR uses 0.001), got {group['eta']!r}; to turn the trust "
+            "ratio off for a group set lars_adaptation=False instead"
+        )
+    for name in ("nesterov", "lars_adaptation"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{where}: {name} must be True or False, got {group[name]!r}")
+    if group["nesterov"] and group["momentum"] == 0:
+        raise ValueError(f"{where}: nesterov=True needs momentum > 0; set momentum (e.g. 0.9) or nesterov=False")

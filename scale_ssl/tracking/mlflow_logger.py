@@ -1,0 +1,513 @@
+"""Experiment tracking in MLflow for a distributed trainer.
+
+Rules this logger keeps, and why:
+
+* **Only rank 0 talks to MLflow.** Every other rank gets an object whose methods return at once,
+  so N processes never open N connections or create N runs; the trainer need not guard calls.
+* **Nothing happens at construction.** The client, the experiment and the run are created on the
+  first call that needs them, so building a trainer (or a logger on a rank that never logs) is
+  cheap and works without a reachable server.
+* **Resume continues the same run.** ``MLflowLogger(run_id=...)`` appends to an existing run
+  instead of opening a new one (DESIGN.md, contract 6). Re-logging the hyperparameters of the
+  resumed run is harmless; a changed value is kept as a tag, because MLflow refuses to overwrite
+  a param and a tracking quirk must not kill a week-long job.
+* **Local runs stay in one folder.** Without a tracking URI the store is
+  ``sqlite:///<default_root_dir>/mlflow.db`` and artifacts go to ``<default_root_dir>/mlartifacts``
+  (MLflow would otherwise write them to ``./mlruns`` in whatever directory the job started from).
+
+All MLflow access goes through :class:`mlflow.tracking.MlflowClient` (not the fluent
+``mlflow.start_run`` API), so no process-global "active run" is touched.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import shlex
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scale_ssl.tracking.flatten import flatten_dict
+
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+TRUNCATED_PARAMS_TAG = "scale_ssl.truncated_params"
+CHANGED_PARAM_TAG_PREFIX = "scale_ssl.changed_param."
+_DICT_ARTIFACT_EXTENSIONS = (".json", ".yaml", ".yml")
+
+
+class MLflowLogger:
+    """Log params, metrics and artifacts of one training run to MLflow.
+
+    Args:
+        tracking_uri: where runs are stored, e.g. ``http://mlflow.internal:5000`` or
+            ``sqlite:///runs/mlflow.db``. Falls back to ``$MLFLOW_TRACKING_URI``, then to
+            ``sqlite:///<abs default_root_dir>/mlflow.db``.
+        experiment_name: experiment to create the run in (created if missing). Ignored when
+            ``run_id`` is given: a resumed run stays in its own experiment.
+        run_name: display name of a new run (MLflow picks one if ``None``).
+        run_id: an existing run to continue (resume) instead of creating a new one.
+        tags: run tags; values are stringified.
+        default_root_dir: folder of the local default store and of its artifacts.
+        rank: the process's global rank; every rank but 0 makes no MLflow call at all.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str = "scale_ssl",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        default_root_dir: str | os.PathLike = "runs",
+        rank: int = 0,
+    ):
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(
+                f"MLflowLogger: rank must be an int >= 0 (the global rank), got {rank!r}"
+            )
+        if not isinstance(experiment_name, str) or not experiment_name.strip():
+            raise ValueError(
+                f"MLflowLogger: experiment_name must be a non-empty string, got {experiment_name!r}"
+            )
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
+            raise ValueError(
+                f"MLflowLogger: run_id must be the id string of an existing run, got {run_id!r}; "
+                f"pass run_id=None to start a new run"
+            )
+        self.rank = rank
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.tags = {str(key): str(value) for key, value in (tags or {}).items()}
+        self.default_root_dir = Path(default_root_dir).absolute()
+        self.tracking_uri = (
+            tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.default_root_dir / 'mlflow.db'}"
+        )
+        self._resume_run_id = run_id
+        self._client = None
+        self._run_id: str | None = None
+        self._finalized = False
+        # Params as MLflow holds them for this run; loaded once, then kept in step locally.
+        self._logged_params: dict[str, str] | None = None
+        self._truncated_params: set[str] = set()
+        self._warned_changed_params: set[str] = set()
+        # Every metric value logged by this process, for plots: key -> [(step, value), ...].
+        self._history: dict[str, list[tuple[int, float]]] = {}
+
+    # ------------------------------------------------------------------ run lifecycle
+
+    @property
+    def run_id(self) -> str | None:
+        """Id of the run being logged to; creates (or reopens) it on first access.
+
+        On ranks other than 0 no run exists: returns the ``run_id`` passed in, else ``None``.
+        """
+        if self.rank != 0:
+            return self._resume_run_id
+        return self._ensure_run()
+
+    def continue_run(self, run_id: str) -> None:
+        """Append to ``run_id`` instead of creating a run (the trainer calls this on resume with the
+        id stored in the checkpoint). Must come before anything is logged."""
+        if self._run_id is not None and self._run_id != run_id:
+            raise RuntimeError(
+                f"MLflowLogger: already logging to run {self._run_id!r}; cannot switch to {run_id!r} mid-run"
+            )
+        self._resume_run_id = run_id
+
+    def finalize(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED).
+
+        Idempotent: later calls do nothing, and a logger that never started a run does not
+        create one just to end it.
+        """
+        if status not in RUN_STATUSES:
+            raise ValueError(
+                f"MLflowLogger.finalize: status must be one of {RUN_STATUSES}, got {status!r}"
+            )
+        if self.rank != 0 or self._run_id is None or self._finalized:
+            return
+        self._client.set_terminated(self._run_id, status=status)
+        self._finalized = True
+
+    def __enter__(self) -> MLflowLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.finalize("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finalize("KILLED")
+        else:
+            self.finalize("FAILED")
+
+    def ui_command(self) -> str:
+        """How a user looks at the runs: ``mlflow ui --backend-store-uri <store>`` for a store on
+        this machine (sqlite, file, a database URL); for a tracking server, which serves the UI
+        itself, the server's URL."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return self.tracking_uri
+        return f"mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}"
+
+    # ------------------------------------------------------------------ params and metrics
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        """Log a (nested) config as run params: ``{"trainer": {"max_steps": 10}}`` is logged as
+        ``trainer.max_steps = "10"``.
+
+        Values are stringified and cut to MLflow's length limit (the cut keys are listed in the
+        ``scale_ssl.truncated_params`` tag). Params are sent with ``log_batch`` in chunks of
+        MLflow's per-request limit. A key already logged with the same value is skipped; with a
+        different value (a resumed run with a changed config) it is warned about once and
+        recorded as the tag ``scale_ssl.changed_param.<key>``, since MLflow params are
+        write-once.
+        """
+        if self.rank != 0:
+            return
+        from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+        flat = {key: str(value) for key, value in flatten_dict(params).items()}
+        truncated = {key for key, value in flat.items() if len(value) > MAX_PARAM_VAL_LENGTH}
+        for key in truncated:
+            flat[key] = flat[key][:MAX_PARAM_VAL_LENGTH]
+
+        run_id = self._ensure_run()
+        if self._logged_params is None:
+            self._logged_params = dict(self._client.get_run(run_id).data.params)
+        new = {key: value for key, value in flat.items() if key not in self._logged_params}
+        changed = {
+            key: value
+            for key, value in flat.items()
+            if key in self._logged_params and self._logged_params[key] != value
+        }
+
+        tags = [
+            RunTag(CHANGED_PARAM_TAG_PREFIX + key, value[:MAX_TAG_VAL_LENGTH])
+            for key, value in changed.items()
+        ]
+        if truncated - self._truncated_params:
+            self._truncated_params |= truncated
+            listing = ", ".join(sorted(self._truncated_params))
+            tags.append(RunTag(TRUNCATED_PARAMS_TAG, listing[:MAX_TAG_VAL_LENGTH]))
+        self._warn_changed_params(changed)
+
+        self._log_batch(params=[Param(key, value) for key, value in new.items()], tags=tags)
+        self._logged_params.update(new)
+
+    def log_metrics(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
+        """Log scalar metrics at ``step``. Tensors must hold one element (converted with
+        ``.item()``); every value is also kept in memory for :meth:`log_metric_curves`."""
+        if self.rank != 0:
+            return
+        from mlflow.entities import Metric
+
+        if isinstance(step, bool):
+            raise TypeError(f"MLflowLogger.log_metrics: step must be an int, got {step!r}")
+        try:
+            step = operator.index(step)  # accepts numpy / 0-d integer tensors, refuses floats
+        except TypeError:
+            raise TypeError(
+                f"MLflowLogger.log_metrics: step must be an int, got {step!r}"
+            ) from None
+        timestamp_ms = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            number = _to_float(key, value)
+            entries.append(Metric(key=key, value=number, timestamp=timestamp_ms, step=step))
+        self._log_batch(metrics=entries)
+        for entry in entries:
+            self._history.setdefault(entry.key, []).append((step, entry.value))
+
+    # ------------------------------------------------------------------ artifacts
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store ``text`` as the artifact ``artifact_file`` (a run-relative path, e.g.
+        ``"config/resolved.txt"``)."""
+        if self.rank != 0:
+            return
+        run_id = self._ensure_run()
+        self._client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        """Store ``dictionary`` as YAML (``.yaml``/``.yml``) or JSON (``.json``), chosen by the
+        extension of ``artifact_file``. Nested mappings such as OmegaConf configs are converted to
+        plain dicts first; values YAML/JSON cannot represent are stringified."""
+        if not str(artifact_file).lower().endswith(_DICT_ARTIFACT_EXTENSIONS):
+            raise ValueError(
+                f"MLflowLogger.log_dict: artifact_file={artifact_file!r} must end in one of "
+                f"{_DICT_ARTIFACT_EXTENSIONS} (the extension picks the format)"
+            )
+        if self.rank != 0:
+            return
+        run_id = self._ensure_run()
+        self._client.log_dict(run_id, _to_plain_data(dictionary), artifact_file)
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload a file, or a directory's contents, under ``artifact_path`` (the run's artifact
+        root if ``None``)."""
+        if self.rank != 0:
+            return
+        path = Path(local_path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"MLflowLogger.log_artifact: local_path={str(local_path)!r} does not exist"
+            )
+        run_id = self._ensure_run()
+        if path.is_dir():
+            self._client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_metric_curves(
+        self,
+        keys: Sequence[str] = ("train/loss",),
+        artifact_file: str = "plots/loss_curve.png",
+    ) -> None:
+        """Plot value against step for each metric in ``keys`` (one line each) with matplotlib's
+        Agg backend and upload the image as ``artifact_file``.
+
+        Uses the values this process logged; for a resumed run the history already in MLflow is
+        merged in, so the curve covers the whole run. Keys never logged are skipped with a
+        warning (a missing plot must not stop training).
+        """
+        if self.rank != 0:
+            return
+        if isinstance(keys, str):
+            keys = (keys,)
+        self._ensure_run()
+        series = {key: self._metric_series(key) for key in keys}
+        missing = [key for key, points in series.items() if not points]
+        if missing:
+            warnings.warn(
+                f"MLflowLogger.log_metric_curves: no values logged for {missing}; not plotted",
+                stacklevel=2,
+            )
+        series = {key: points for key, points in series.items() if points}
+        if not series:
+            return
+
+        # Figure + FigureCanvasAgg rather than pyplot: no global figure state, no GUI backend.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(7, 4), dpi=100, layout="tight")
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        for key, points in series.items():
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, label=key, linewidth=1.2)
+        axes.set_xlabel("step")
+        axes.set_ylabel("value")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        self._client.log_figure(self._run_id, figure, artifact_file)
+
+    # ------------------------------------------------------------------ internals
+
+    def _connect(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            sqlite_path = _sqlite_file(self.tracking_uri)
+            if sqlite_path is not None:
+                # sqlite creates the file but not its folder.
+                Path(sqlite_path).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _ensure_run(self) -> str:
+        if self._run_id is not None:
+            return self._run_id
+        client = self._connect()
+        if self._resume_run_id is None:
+            run = client.create_run(self._experiment_id(), run_name=self.run_name, tags=self.tags)
+            self._run_id = run.info.run_id
+            return self._run_id
+
+        run = self._existing_run(self._resume_run_id)
+        self._run_id = run.info.run_id
+        if run.info.status != "RUNNING":
+            client.update_run(self._run_id, status="RUNNING")
+        if self.tags:
+            from mlflow.entities import RunTag
+
+            self._log_batch(tags=[RunTag(key, value) for key, value in self.tags.items()])
+        return self._run_id
+
+    def _existing_run(self, run_id: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as error:
+            raise ValueError(
+                f"MLflowLogger: run_id={run_id!r} was not found in the tracking store "
+                f"{self.tracking_uri!r} ({error.message}); check the id and tracking_uri, or pass "
+                f"run_id=None to start a new run"
+            ) from error
+        if run.info.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"MLflowLogger: run_id={run_id!r} is deleted; restore it with "
+                f"MlflowClient({self.tracking_uri!r}).restore_run({run_id!r}) or pass run_id=None"
+            )
+        return run
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self._client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                return self._client.create_experiment(
+                    self.experiment_name, artifact_location=self._artifact_location()
+                )
+            except MlflowException as error:
+                # Another job may have created it between our lookup and create.
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self._client.get_experiment_by_name(self.experiment_name)
+        if experiment.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"MLflowLogger: experiment_name={self.experiment_name!r} is a deleted experiment; "
+                f"restore it (MlflowClient().restore_experiment({experiment.experiment_id!r})) or "
+                f"choose another experiment_name"
+            )
+        return experiment.experiment_id
+
+    def _artifact_location(self) -> str | None:
+        # Only a local sqlite store needs one: a tracking server has its own artifact root, and a
+        # shared database's runs must not point at one machine's disk.
+        if _sqlite_file(self.tracking_uri) is None:
+            return None
+        return (self.default_root_dir / "mlartifacts").as_uri()
+
+    def _log_batch(
+        self, metrics: Sequence = (), params: Sequence = (), tags: Sequence = ()
+    ) -> None:
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+        run_id = self._ensure_run()
+        for chunk in _chunks(list(params), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(run_id, params=chunk)
+        for chunk in _chunks(list(tags), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(run_id, tags=chunk)
+        for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(run_id, metrics=chunk)
+
+    def _warn_changed_params(self, changed: Mapping[str, str]) -> None:
+        unwarned = sorted(set(changed) - self._warned_changed_params)
+        if not unwarned:
+            return
+        self._warned_changed_params.update(unwarned)
+        warnings.warn(
+            f"MLflowLogger: run {self._run_id} already has different values for params {unwarned}; "
+            f"MLflow params cannot change, so the new values are recorded as tags "
+            f"'{CHANGED_PARAM_TAG_PREFIX}<key>'",
+            stacklevel=3,
+        )
+
+    def _metric_series(self, key: str) -> list[tuple[int, float]]:
+        by_step: dict[int, float] = {}
+        if self._resume_run_id is not None:
+            for metric in self._client.get_metric_history(self._run_id, key):
+                by_step[metric.step] = metric.value
+        # This process's values win where a resumed run re-logged steps it had logged before.
+        for step, value in self._history.get(key, []):
+            by_step[step] = value
+        return sorted(by_step.items())
+
+    def __repr__(self) -> str:
+        return (
+            f"MLflowLogger(tracking_uri={self.tracking_uri!r}, "
+            f"experiment_name={self.experiment_name!r}, "
+            f"run_id={self._run_id or self._resume_run_id!r}, rank={self.rank})"
+        )
+
+
+class NullLogger:
+    """The logger used for ``logger=False``: the interface of :class:`MLflowLogger`, doing
+    nothing."""
+
+    run_id = None
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        pass
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_metric_curves(
+        self, keys: Sequence[str] = ("train/loss",), artifact_file: str = "plots/loss_curve.png"
+    ) -> None:
+        pass
+
+    def finalize(self, status: str = "FINISHED") -> None:
+        pass
+
+    def ui_command(self) -> str | None:
+        """``None``: nothing was tracked."""
+        return None
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        pass
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"log_metrics: metric {key!r} is a tensor of shape {tuple(value.shape)}; log a "
+                f"scalar (reduce it first, e.g. .mean())"
+            )
+        return float(value.detach().item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"log_metrics: metric {key!r} must be a number or a one-element tensor, got "
+            f"{type(value).__name__}"
+        ) from None
+
+
+def _to_plain_data(value: Any) -> Any:
+    """Mappings to dicts, sequences to lists, scalars kept, anything else stringified."""
+    if isinstance(value, Mapping):
+        return {str(key): _to_plain_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain_data(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _sqlite_file(tracking_uri: str) -> str | None:
+    """The database path of a ``sqlite:///path`` URI, else ``None``."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    path = tracking_uri[len(prefix) :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else path
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
