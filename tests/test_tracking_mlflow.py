@@ -18,7 +18,6 @@ from scale_ssl.tracking.mlflow_logger import CHANGED_PARAM_TAG_PREFIX, TRUNCATED
 
 # The real server fixture `mlflow_server`; registering by module name means a conftest that also
 # lists it does not start a second server.
-pytest_plugins = ["tests.mlflow_server"]
 
 CONFIG = {
     "trainer": {"max_steps": 3, "precision": "bf16-mixed", "strategy": {"name": "ddp", "nodes": 2}},

@@ -22,9 +22,14 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+def load_config(
+    path: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> DictConfig:
+    """Schema defaults <- ``base`` (e.g. the config stored in a checkpoint) <- YAML <- overrides."""
     schema = OmegaConf.structured(RunConfig)
     layers = [schema]
+    if base is not None:
+        layers.append(OmegaConf.create(base))
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"--config {path!r}: no such file; pass the path of a YAML config such as configs/simclr/fmnist_cpu.yaml")

@@ -1,7 +1,7 @@
 """Strategy backends behind the one trainer."""
 
 from scale_ssl.strategies.base import Strategy
-from scale_ssl.strategies.ddp import ClusterEnvironment, DDPStrategy
+from scale_ssl.strategies.ddp import ClusterEnvironment, DDPStrategy, LaunchError
 from scale_ssl.strategies.single import SingleDeviceStrategy
 
 STRATEGIES = {
@@ -21,4 +21,4 @@ def build_strategy(strategy, **options) -> Strategy:
     return STRATEGIES[strategy](**options)
 
 
-__all__ = ["Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "STRATEGIES", "build_strategy"]
+__all__ = ["Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "LaunchError", "STRATEGIES", "build_strategy"]

@@ -21,6 +21,10 @@ from scale_ssl.collectives import Collective, TorchDistributedCollective
 from scale_ssl.strategies.base import Strategy
 
 
+class LaunchError(RuntimeError):
+    """The process was not started the way the strategy needs (e.g. ddp without torchrun)."""
+
+
 @dataclass(frozen=True)
 class ClusterEnvironment:
     """Where this process sits in the job, as told by the launcher."""
@@ -53,7 +57,7 @@ class ClusterEnvironment:
                 master_port=int(env.get("MASTER_PORT", 29500)),
                 source="slurm",
             )
-        raise RuntimeError(
+        raise LaunchError(
             "trainer.strategy=ddp needs a launcher that sets RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS): "
             "run `torchrun --nproc_per_node N -m scale_ssl fit ...`, or use trainer.strategy=single"
         )

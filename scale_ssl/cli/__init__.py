@@ -1,0 +1,1 @@
+"""Command-line entry points; no training logic lives here."""

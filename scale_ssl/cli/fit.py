@@ -1,0 +1,121 @@
+"""``scale-ssl fit``: assemble strategy, data stream, method, logger and trainer from a config."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from scale_ssl.config import ConfigError, per_device_batch_size
+from scale_ssl.data import ShardedImageStream, SimCLRViews
+from scale_ssl.methods import METHODS
+from scale_ssl.strategies import build_strategy
+from scale_ssl.tracking import MLflowLogger
+from scale_ssl.trainer import Trainer
+from scale_ssl.trainer.seed import seed_everything
+
+
+def build_strategy_from_config(config: DictConfig):
+    t = config.trainer
+    options = {"accelerator": t.accelerator}
+    if t.strategy == "ddp":
+        options["sync_batchnorm"] = t.sync_batchnorm
+    elif t.sync_batchnorm:
+        raise ConfigError(f"trainer.sync_batchnorm=true needs trainer.strategy=ddp (got {t.strategy!r})")
+    return build_strategy(t.strategy, **options)
+
+
+def set_cpu_threads(config: DictConfig, strategy) -> None:
+    """Ranks sharing a CPU must share its cores, or they oversubscribe and all slow down."""
+    if config.trainer.num_threads is not None:
+        torch.set_num_threads(config.trainer.num_threads)
+    elif strategy.root_device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def build_train_stream(config: DictConfig, strategy, batch_size: int) -> ShardedImageStream:
+    d = config.data
+    views = SimCLRViews(
+        image_size=d.image_size,
+        channels=d.channels,
+        normalize_mean=tuple(d.mean),
+        normalize_std=tuple(d.std),
+        crop_scale=tuple(d.crop_scale),
+        jitter_strength=d.jitter_strength,
+        blur=d.gaussian_blur,
+    )
+    return ShardedImageStream(
+        d.train_shards,
+        batch_size=batch_size,
+        transform=views,
+        rank=strategy.global_rank,
+        world_size=strategy.world_size,
+        num_workers=d.num_workers,
+        seed=config.trainer.seed,
+        shuffle_buffer=d.shuffle_buffer,
+    )
+
+
+def run_fit(config: DictConfig):
+    t = config.trainer
+    # Build the module first (seeded: the same initial weights on every rank and every rerun),
+    # so a bad model argument fails before any process group or data stream exists.
+    resolved = OmegaConf.to_container(config, resolve=True)
+    seed_everything(t.seed)
+    module = METHODS[config.method](**resolved["model"])
+    strategy = build_strategy_from_config(config)
+    strategy.setup_environment()
+    set_cpu_threads(config, strategy)
+    batch_size = per_device_batch_size(t.global_batch_size, strategy.world_size, t.accumulate_grad_batches)
+    stream = build_train_stream(config, strategy, batch_size)
+
+    resolved["derived"] = {
+        "world_size": strategy.world_size,
+        "per_device_batch_size": batch_size,
+        "steps_per_epoch": stream.steps_per_epoch,
+        "samples_per_epoch": stream.num_samples,
+        "samples_dropped_per_epoch": stream.samples_dropped_per_epoch,
+        "negatives_per_anchor": 2 * t.global_batch_size // t.accumulate_grad_batches - 2,
+    }
+    logger = False
+    if config.tracking.enabled:
+        logger = MLflowLogger(
+            tracking_uri=config.tracking.tracking_uri,
+            experiment_name=config.tracking.experiment_name,
+            run_name=config.tracking.run_name,
+            default_root_dir=t.default_root_dir,
+            rank=strategy.global_rank,
+        )
+    trainer = Trainer(
+        strategy=strategy,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_algorithm=t.gradient_clip_algorithm,
+        log_every_n_steps=t.log_every_n_steps,
+        checkpoint_every_n_steps=t.checkpoint_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        default_root_dir=t.default_root_dir,
+        seed=t.seed,
+        logger=logger,
+        run_config=resolved,
+    )
+    if strategy.is_global_zero:
+        d = resolved["derived"]
+        print(
+            f"scale_ssl fit: {config.method} on {strategy.name} x{d['world_size']}, global batch "
+            f"{t.global_batch_size} = {d['per_device_batch_size']}/device x {d['world_size']} x "
+            f"{t.accumulate_grad_batches} accum; {d['steps_per_epoch']} steps/epoch over {d['samples_per_epoch']} "
+            f"samples ({d['samples_dropped_per_epoch']} dropped per epoch so every rank runs equal steps); "
+            f"{d['negatives_per_anchor']} negatives per anchor",
+            flush=True,
+        )
+    try:
+        trainer.fit(module, stream, ckpt_path=t.ckpt_path)
+    finally:
+        strategy.teardown()
+    return trainer, module

@@ -1,0 +1,70 @@
+"""``scale-ssl`` / ``python -m scale_ssl``: fit, make-shards, eval.
+
+Bad input (config keys, types, paths) ends with one line ``scale-ssl: error: ...`` and exit code
+2; set ``SCALE_SSL_TRACEBACK=1`` to see the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from scale_ssl.config import ConfigError
+from scale_ssl.strategies import LaunchError
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scale-ssl", description="Distributed-first self-supervised pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="pretrain a method from a YAML config (add key=value overrides)")
+    fit.add_argument("--config", required=True, help="YAML run config, e.g. configs/simclr/fmnist_cpu.yaml")
+    fit.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.max_steps=50")
+
+    shards = sub.add_parser("make-shards", help="pack a data set into webdataset tar shards")
+    shards.add_argument("source", choices=["fashion-mnist"], help="what to pack")
+    shards.add_argument("--out", required=True, help="output directory (gets train/ and test/)")
+    shards.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
+    shards.add_argument("--root", default=None, help="Fashion-MNIST idx directory (default: the Debian package's)")
+    shards.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    shards.add_argument("--skip-existing", action="store_true", help="do nothing if complete shards already exist")
+
+    ev = sub.add_parser("eval", help="evaluate a pretrained encoder")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    knn = ev_sub.add_parser("knn", help="weighted kNN accuracy of the encoder on the test split")
+    knn.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit")
+    knn.add_argument("--config", default=None, help="config (default: the one stored in the checkpoint)")
+    knn.add_argument("--baselines", action="store_true", help="also score raw pixels and a random-init encoder")
+    knn.add_argument("overrides", nargs="*", help="dotted overrides such as eval.knn_k=20")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            from scale_ssl.cli.fit import run_fit
+            from scale_ssl.config import load_config
+
+            run_fit(load_config(args.config, args.overrides))
+        elif args.command == "make-shards":
+            from scale_ssl.cli.make_shards import run_make_shards
+
+            run_make_shards(args)
+        elif args.command == "eval" and args.eval_command == "knn":
+            from scale_ssl.cli.evaluate import run_knn_eval
+
+            run_knn_eval(args)
+    except (ConfigError, LaunchError, FileNotFoundError, FileExistsError, ValueError) as err:
+        if os.environ.get("SCALE_SSL_TRACEBACK"):
+            raise
+        print(f"scale-ssl: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Shared test set-up: the real MLflow server fixture and quiet, single-threaded torch."""
+
+import os
+
+import pytest
+import torch
+
+pytest_plugins = ["tests.mlflow_server"]
+
+# Two cores are shared between the test process and the ranks it spawns: one thread each keeps
+# them from oversubscribing the CPU (a tiny model ran 40x slower with two threads under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory):
+    """Real Fashion-MNIST images packed by our writer: 600 train / 200 test in uneven shards."""
+    from scale_ssl.data import FASHION_MNIST_ROOT, make_fashion_mnist_shards
+
+    if not os.path.isdir(FASHION_MNIST_ROOT):
+        pytest.fail(f"{FASHION_MNIST_ROOT} is missing: run `make test` (it installs dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("fmnist") / "shards"
+    make_fashion_mnist_shards(out, shard_size=130, limit=600)
+    return out

@@ -1,0 +1,120 @@
+"""The CLI: bad input is one clear line and a non-zero exit; good input trains, under torchrun too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scale_ssl.cli.main import EXIT_BAD_INPUT, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "simclr", "fmnist_cpu.yaml")
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def tiny_overrides(shards, root, strategy="single") -> list[str]:
+    """A run small enough for a test: resnet10, batch 32, a few steps, real Fashion-MNIST shards."""
+    return [
+        f"trainer.strategy={strategy}",
+        "trainer.max_steps=3",
+        "trainer.global_batch_size=32",
+        "trainer.log_every_n_steps=1",
+        "trainer.precision=32",
+        "trainer.enable_progress_bar=false",
+        f"trainer.default_root_dir={root}",
+        f"data.train_shards={shards}/train",
+        f"data.val_shards={shards}/test",
+        "data.num_workers=0",
+        "data.shuffle_buffer=64",
+        "model.arch=resnet10",
+        "model.hidden_mlp=64",
+        "model.feat_dim=32",
+    ]
+
+
+def _error_of(argv, capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_BAD_INPUT, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scale-ssl: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.max_stepz=5", "'trainer.max_stepz' is not known"),
+        ("trainer.max_steps=abc", "'trainer.max_steps'"),
+        ("trainer.strategy=horovod", "trainer.strategy='horovod' is not known"),
+        ("trainer.precision=fp8", "trainer.precision='fp8'"),
+        ("model.temprature=0.2", "model.temprature is not an argument of SimCLR"),
+        ("model.temperature=warm", "model.temperature='warm' has type str"),
+        ("model.optimizer=lamb", "optimizer='lamb'"),
+        ("data.mean=[0.5,0.5]", "data.mean has 2 values but data.channels=1"),
+        ("trainer.global_batch_size=0", "trainer.global_batch_size must be >= 1"),
+        ("bogus=1", "'bogus' is not known"),
+        ("nonsense", "must look like section.key=value"),
+    ],
+)
+def test_bad_config_is_one_clear_line(override, expected, capsys, tmp_path):
+    line = _error_of(["fit", "--config", CONFIG, f"trainer.default_root_dir={tmp_path}", override], capsys)
+    assert expected in line
+
+
+def test_missing_shard_path_names_the_path(capsys, tmp_path):
+    missing = tmp_path / "no_such_shards"
+    line = _error_of(["fit", "--config", CONFIG, "trainer.strategy=single", f"data.train_shards={missing}"], capsys)
+    assert str(missing) in line
+
+
+def test_missing_config_file(capsys, tmp_path):
+    line = _error_of(["fit", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert "nope.yaml" in line and "no such file" in line
+
+
+def test_global_batch_not_divisible_by_world_names_the_fix(capsys, fmnist_shards, tmp_path):
+    args = tiny_overrides(fmnist_shards, tmp_path) + ["trainer.global_batch_size=30", "trainer.accumulate_grad_batches=4"]
+    line = _error_of(["fit", "--config", CONFIG, *args], capsys)
+    assert "global_batch_size=30 is not divisible" in line and "multiple of 4" in line
+
+
+def test_ddp_without_a_launcher_says_how_to_launch(capsys, fmnist_shards, tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    line = _error_of(["fit", "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="ddp")], capsys)
+    assert "torchrun --nproc_per_node" in line
+
+
+@pytest.mark.timeout(300)
+def test_console_script_fit_single_process(fmnist_shards, tmp_path):
+    """`scale-ssl fit --config ... key=value` trains and writes a checkpoint with its config."""
+    cmd = [os.path.join(VENV_BIN, "scale-ssl"), "fit", "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["config"]["trainer"]["max_steps"] == 3
+    assert ckpt["config"]["derived"]["world_size"] == 1
+    assert ckpt["mlflow_run_id"]
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_two_ranks_fit(fmnist_shards, tmp_path):
+    """`torchrun --nproc_per_node 2 -m scale_ssl fit` runs the same config on 2 gloo ranks."""
+    cmd = [
+        os.path.join(VENV_BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "scale_ssl", "fit",
+        "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="ddp"), "tracking.enabled=false",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ddp x2" in proc.stdout, proc.stdout
+    assert "16/device x 2" in proc.stdout  # global 32 = 16 per rank x 2 ranks
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["world_size"] == 2
+    assert len(ckpt["rng_states"]) == 2
