@@ -1,6 +1,7 @@
 """World-aware collectives: the only layer that touches ``torch.distributed``."""
 
 from scale_ssl.collectives.base import Collective, LocalCollective, REDUCE_OPS
+from scale_ssl.collectives.global_batchnorm import GlobalBatchNorm, convert_to_global_batchnorm
 from scale_ssl.collectives.torch_distributed import TorchDistributedCollective
 
 
@@ -20,5 +21,7 @@ __all__ = [
     "LocalCollective",
     "TorchDistributedCollective",
     "default_collective",
+    "GlobalBatchNorm",
+    "convert_to_global_batchnorm",
     "REDUCE_OPS",
 ]

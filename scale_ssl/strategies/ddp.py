@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from scale_ssl.collectives import Collective, TorchDistributedCollective
+from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
 from scale_ssl.strategies.base import Strategy
 
 
@@ -76,9 +77,9 @@ class DDPStrategy(Strategy):
     """``torch.nn.parallel.DistributedDataParallel`` with an optional SyncBatchNorm conversion.
 
     Args:
-        sync_batchnorm: convert BatchNorm layers to ``SyncBatchNorm`` so statistics are global
-            (SimCLR's "global BN"; local BN lets a contrastive model cheat, google-research/simclr
-            #114). Costs one all_reduce per BN layer per step.
+        sync_batchnorm: normalise with global-batch statistics (SimCLR's "global BN"; local BN
+            lets a contrastive model cheat, google-research/simclr #114): ``nn.SyncBatchNorm`` on
+            GPUs, our ``GlobalBatchNorm`` elsewhere. Costs one collective per BN layer per step.
         timeout_s: collective timeout; a rank that died leaves the others failing after this long
             instead of hanging forever.
         find_unused_parameters, static_graph, gradient_as_bucket_view: passed to DDP.
@@ -140,7 +141,11 @@ class DDPStrategy(Strategy):
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         if self.sync_batchnorm:
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            # torch's SyncBatchNorm runs only on GPUs; elsewhere (gloo on CPU) use ours.
+            if self.root_device.type == "cuda":
+                module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            else:
+                module = convert_to_global_batchnorm(module, self.collective)
         module = module.to(self.root_device)
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         return DistributedDataParallel(

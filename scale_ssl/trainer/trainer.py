@@ -291,20 +291,20 @@ class Trainer:
                     )
                 return False
             strategy.backward(self.precision.scale(loss / accumulate))
+        if is_step:
+            for optimizer in self.optimizers:
+                self._clip_gradients(optimizer)
+                self.precision.step(optimizer, lambda opt=optimizer: strategy.optimizer_step(opt))
+                optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            for config in self.lr_scheduler_configs:
+                if config.interval == "step" and self.global_step % config.frequency == 0:
+                    self._step_scheduler(config)
+        # After the optimizer step, as in Lightning: EMA targets and queues see the new weights.
         module.on_train_batch_end(outputs, batch, batch_idx)
         for cb in self.callbacks:
             cb.on_train_batch_end(self, module, outputs, batch, batch_idx)
-        if not is_step:
-            return False
-        for optimizer in self.optimizers:
-            self._clip_gradients(optimizer)
-            self.precision.step(optimizer, lambda opt=optimizer: strategy.optimizer_step(opt))
-            optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        for config in self.lr_scheduler_configs:
-            if config.interval == "step" and self.global_step % config.frequency == 0:
-                self._step_scheduler(config)
-        return True
+        return is_step
 
     def _clip_gradients(self, optimizer) -> None:
         if self.gradient_clip_val is None:

@@ -1,0 +1,37 @@
+"""Data layer: Fashion-MNIST source, webdataset shard writer and index, augmentations, and the
+sharded stream that gives every rank the same number of steps."""
+
+from scale_ssl.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
+    load_fashion_mnist,
+    read_idx,
+)
+from scale_ssl.data.shard_index import INDEX_FILENAME, ShardIndex, ShardInfo
+from scale_ssl.data.shard_writer import (
+    SUPPORTED_IMAGE_FORMATS,
+    make_fashion_mnist_shards,
+    write_image_shards,
+)
+from scale_ssl.data.stream import EpochShardPlan, ShardedImageStream, ShardIndexMismatchError
+from scale_ssl.data.transforms import FMNIST_MEAN, FMNIST_STD, EvalTransform, SimCLRViews
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_ROOT",
+    "load_fashion_mnist",
+    "read_idx",
+    "INDEX_FILENAME",
+    "ShardIndex",
+    "ShardInfo",
+    "SUPPORTED_IMAGE_FORMATS",
+    "make_fashion_mnist_shards",
+    "write_image_shards",
+    "EpochShardPlan",
+    "ShardedImageStream",
+    "ShardIndexMismatchError",
+    "FMNIST_MEAN",
+    "FMNIST_STD",
+    "EvalTransform",
+    "SimCLRViews",
+]
