@@ -425,7 +425,9 @@ class Trainer:
         return logger
 
     def _params_to_log(self, module: SSLModule) -> dict:
-        params = {"module": {"class": type(module).__name__, **module.hparams}}
+        """The run config as given (flattened by the logger), plus what only the trainer knows."""
+        params = dict(self.run_config or {})
+        params["module"] = {"class": type(module).__name__, **module.hparams}
         params["strategy"] = {"name": self.strategy.name, "world_size": self.world_size}
         return params
 
