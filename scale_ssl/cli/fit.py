@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scale_ssl.config import ConfigError, per_device_batch_size
-from scale_ssl.data import ShardedImageStream, SimCLRViews
+from scale_ssl.data import ShardedImageStream
 from scale_ssl.methods import METHODS
 from scale_ssl.strategies import build_strategy
 from scale_ssl.tracking import MLflowLogger
@@ -37,19 +37,10 @@ def set_cpu_threads(config: DictConfig, strategy) -> None:
 
 def build_train_stream(config: DictConfig, strategy, batch_size: int) -> ShardedImageStream:
     d = config.data
-    views = SimCLRViews(
-        image_size=d.image_size,
-        channels=d.channels,
-        normalize_mean=tuple(d.mean),
-        normalize_std=tuple(d.std),
-        crop_scale=tuple(d.crop_scale),
-        jitter_strength=d.jitter_strength,
-        blur=d.gaussian_blur,
-    )
     return ShardedImageStream(
         d.train_shards,
         batch_size=batch_size,
-        transform=views,
+        transform=METHODS[config.method].train_transform(d),
         rank=strategy.global_rank,
         world_size=strategy.world_size,
         num_workers=d.num_workers,

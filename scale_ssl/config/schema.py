@@ -47,6 +47,9 @@ class DataConfig:
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     jitter_strength: float = 0.5
     gaussian_blur: bool = False
+    # Extra keyword arguments for the method's own augmentation (e.g. SwAV's multi-crop sizes);
+    # each method's ``train_transform`` documents and validates what it accepts.
+    views: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import NTXentLoss
 from scale_ssl.models import ProjectionHead, build_resnet_encoder
 from scale_ssl.optim import LARS, WarmupCosineSchedule, exclude_bn_bias_groups
@@ -76,6 +77,21 @@ class SimCLR(SSLModule):
         )
         self.projection = ProjectionHead(self.feature_dim, hidden_mlp, feat_dim)
         self.criterion = NTXentLoss(temperature)
+
+    @classmethod
+    def train_transform(cls, data):
+        """Two independently augmented views per image (paper, appendix A)."""
+        if data.get("views"):
+            raise ValueError(f"data.views={dict(data['views'])!r}: SimCLR takes no extra view options; leave it empty")
+        return SimCLRViews(
+            image_size=data["image_size"],
+            channels=data["channels"],
+            normalize_mean=tuple(data["mean"]),
+            normalize_std=tuple(data["std"]),
+            crop_scale=tuple(data["crop_scale"]),
+            jitter_strength=data["jitter_strength"],
+            blur=data["gaussian_blur"],
+        )
 
     def setup(self, stage: str) -> None:
         # The loss gathers over the strategy's world (DDP group, XLA replicas, ...), never over

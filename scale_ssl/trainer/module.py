@@ -117,6 +117,14 @@ class SSLModule(nn.Module):
             return None
         return scheds[0] if len(scheds) == 1 else scheds
 
+    # -- data -----------------------------------------------------------------------------
+    @classmethod
+    def train_transform(cls, data) -> Any:
+        """The augmentation this method trains on, built from the config's ``data`` section
+        (``image_size``, ``channels``, ``mean``, ``std``, ``crop_scale``, ..., and ``views`` for
+        method-specific options). Returns a picklable callable on a PIL image."""
+        raise NotImplementedError(f"{cls.__name__} must implement train_transform(data) to run from a config")
+
     # -- hooks a method may override -------------------------------------------------------
     def setup(self, stage: str) -> None: ...
 

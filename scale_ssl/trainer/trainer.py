@@ -228,12 +228,18 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_train_epoch_start(self, module)
                 num_batches = self.num_training_batches
+                # Mid-epoch resume: a stream that can seek (``skip_batches``) starts after the
+                # batches already trained on; any other iterable is replayed without compute.
                 skip, self._batches_to_skip = self._batches_to_skip, 0
+                start = 0
+                if skip and hasattr(loader, "skip_batches"):
+                    loader.skip_batches(skip)
+                    start, skip = skip, 0
                 exhausted, batch_idx = True, -1
-                for batch_idx, batch in enumerate(loader):
+                for batch_idx, batch in enumerate(loader, start=start):
                     if num_batches is not None and batch_idx >= num_batches:
                         break
-                    if batch_idx < skip:  # exact mid-epoch resume: replay the stream, no compute
+                    if batch_idx < skip:
                         continue
                     window_images += _batch_size(batch) * self.world_size
                     stepped = self._train_micro_batch(module, batch, batch_idx, num_batches)
