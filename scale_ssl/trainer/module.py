@@ -3,6 +3,15 @@
 A method subclasses it and writes ``training_step``, ``configure_optimizers`` and, if it needs
 them, the hooks below. It never asks which strategy it runs under: ``self.all_gather``,
 ``self.collective``, ``self.log`` and ``self.optimizers()`` are routed to the trainer's strategy.
+
+Hook order of ``Trainer.fit`` (recorded in ``tests/test_trainer_api.py``):
+``prepare_data`` (local rank 0 of each node) -> ``setup("fit")`` -> ``configure_optimizers`` ->
+``train_dataloader`` -> ``val_dataloader`` -> ``on_fit_start`` -> [sanity validation] ->
+``on_train_start`` -> per epoch ``on_train_epoch_start`` -> per batch ``on_train_batch_start``,
+``training_step``, ``training_step_end``, ``on_before_optimizer_step``, ``on_train_batch_end``
+-> [validation: ``on_validation_epoch_start``, ``validation_step``, ``validation_step_end``,
+``validation_epoch_end(outputs)`` if overridden, ``on_validation_epoch_end``] ->
+``on_train_epoch_end`` -> ``on_train_end`` -> ``on_fit_end`` -> ``teardown("fit")``.
 """
 
 from __future__ import annotations
@@ -15,14 +24,17 @@ from torch import nn
 
 from scale_ssl.collectives import Collective, default_collective
 from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+from scale_ssl.trainer.metrics import LoggedMetrics, LogOptions
 
 
 class SSLModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.trainer = None  # set by Trainer.fit; plain attribute, not a submodule
+        self.trainer = None  # set by the Trainer; plain attribute, not a submodule
         self.hparams: dict[str, Any] = {}
-        self._logged: dict[str, tuple[torch.Tensor, dict]] = {}
+        self.automatic_optimization = True
+        self._metrics = LoggedMetrics()
+        self._stage = "train"
 
     # -- hyper-parameters and checkpoints --------------------------------------------------
     def save_hyperparameters(self, *, ignore: tuple[str, ...] = ()) -> None:
@@ -62,7 +74,8 @@ class SSLModule(nn.Module):
         return module
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Add the module's extra state (queues, EMA targets, ...) to ``checkpoint``."""
+        """Add the module's extra state (queues, EMA targets, ...) to ``checkpoint``. Called on
+        every rank (only rank zero writes), so collectives are allowed here."""
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore what ``on_save_checkpoint`` added."""
@@ -83,6 +96,10 @@ class SSLModule(nn.Module):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     @property
+    def global_rank(self) -> int:
+        return self.trainer.strategy.global_rank if self.trainer is not None else 0
+
+    @property
     def device(self) -> torch.device:
         for p in self.parameters():
             return p.device
@@ -92,22 +109,44 @@ class SSLModule(nn.Module):
         """Concatenate ``tensor`` from every rank along dim 0; differentiable if ``sync_grads``."""
         return self.collective.all_gather(tensor, grad=sync_grads)
 
-    def log(self, name: str, value, prog_bar: bool = False, sync_dist: bool = False, **_: Any) -> None:
-        """Record a metric for this step. Values stay on the device (no host sync); the trainer
-        reduces (``sync_dist``: mean over ranks) and fetches them only at logging intervals."""
+    def log(
+        self,
+        name: str,
+        value,
+        prog_bar: bool = False,
+        logger: bool = True,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        sync_dist: bool = False,
+        batch_size: int | None = None,
+        **_: Any,
+    ) -> None:
+        """Record a metric. Values stay on the device (no host sync); the trainer reduces
+        (``sync_dist``: mean over ranks) and fetches them only at logging intervals / epoch end.
+        Defaults: per step in training, per epoch (batch-size-weighted mean) in validation/test."""
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
-        self._logged[name] = (value.detach(), {"prog_bar": prog_bar, "sync_dist": sync_dist})
+        training = self._stage == "train"
+        options = LogOptions(
+            prog_bar=prog_bar,
+            logger=logger,
+            on_step=training if on_step is None else on_step,
+            on_epoch=(not training) if on_epoch is None else on_epoch,
+            sync_dist=sync_dist,
+        )
+        self._metrics.add(name, value, options, batch_size if batch_size is not None else 1)
 
     def log_dict(self, metrics: dict, **kwargs: Any) -> None:
         for name, value in metrics.items():
             self.log(name, value, **kwargs)
 
-    def optimizers(self):
+    # -- optimizers ------------------------------------------------------------------------
+    def optimizers(self, use_pl_optimizer: bool = True):
+        """The optimizers from ``configure_optimizers`` (wrapped; ``.optimizer`` is the raw one)."""
         if self.trainer is None:
             raise RuntimeError("optimizers() is only available while a Trainer runs this module")
-        opts = self.trainer.optimizers
-        return opts[0] if len(opts) == 1 else opts
+        opts = self.trainer.wrapped_optimizers if use_pl_optimizer else self.trainer.optimizers
+        return opts[0] if len(opts) == 1 else list(opts)
 
     def lr_schedulers(self):
         if self.trainer is None:
@@ -117,7 +156,26 @@ class SSLModule(nn.Module):
             return None
         return scheds[0] if len(scheds) == 1 else scheds
 
-    # -- data -----------------------------------------------------------------------------
+    def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """Backward for manual optimization, through the precision scaler and the strategy."""
+        if self.trainer is None:
+            loss.backward(*args, **kwargs)
+            return
+        self.trainer._manual_backward(loss, *args, **kwargs)
+
+    def toggle_optimizer(self, optimizer) -> None:
+        """Only ``optimizer``'s parameters require grad until ``untoggle_optimizer``."""
+        self.trainer._toggle.toggle(self, self.trainer.optimizers, self.trainer._optimizer_index(optimizer))
+
+    def untoggle_optimizer(self, optimizer=None) -> None:
+        self.trainer._toggle.untoggle(self)
+
+    def clip_gradients(self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
+        if gradient_clip_val is None:
+            return
+        self.trainer._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # -- data ------------------------------------------------------------------------------
     @classmethod
     def train_transform(cls, data) -> Any:
         """The augmentation this method trains on, built from the config's ``data`` section
@@ -125,20 +183,8 @@ class SSLModule(nn.Module):
         method-specific options). Returns a picklable callable on a PIL image."""
         raise NotImplementedError(f"{cls.__name__} must implement train_transform(data) to run from a config")
 
-    # -- hooks a method may override -------------------------------------------------------
-    def setup(self, stage: str) -> None: ...
-
-    def configure_optimizers(self):
-        raise NotImplementedError(f"{type(self).__name__} must implement configure_optimizers()")
-
-    def training_step(self, batch, batch_idx: int):
-        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx)")
-
-    def training_step_end(self, outputs):
-        return outputs
-
-    def validation_step(self, batch, batch_idx: int):
-        return None
+    def prepare_data(self) -> None:
+        """Download/pack data: runs once per node (local rank 0) before any dataloader."""
 
     def train_dataloader(self):
         return None
@@ -146,17 +192,68 @@ class SSLModule(nn.Module):
     def val_dataloader(self):
         return None
 
+    def test_dataloader(self):
+        return None
+
+    def predict_dataloader(self):
+        return None
+
+    # -- steps -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        raise NotImplementedError(f"{type(self).__name__} must implement configure_optimizers()")
+
+    def training_step(self, batch, batch_idx: int, *args):
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx)")
+
+    def training_step_end(self, outputs):
+        return outputs
+
+    def validation_step(self, batch, batch_idx: int, *args):
+        return None
+
+    def validation_step_end(self, outputs):
+        return outputs
+
+    def test_step(self, batch, batch_idx: int, *args):
+        raise NotImplementedError(f"{type(self).__name__} must implement test_step(batch, batch_idx) to run trainer.test")
+
+    def test_step_end(self, outputs):
+        return outputs
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            return self(batch[0])
+        return self(batch)
+
+    # -- lifecycle hooks -------------------------------------------------------------------
+    def setup(self, stage: str) -> None: ...
+
+    def teardown(self, stage: str) -> None: ...
+
     def on_fit_start(self) -> None: ...
+
+    def on_fit_end(self) -> None: ...
 
     def on_train_start(self) -> None: ...
 
-    def on_train_epoch_start(self) -> None: ...
+    def on_train_end(self) -> None: ...
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None: ...
+    def on_train_epoch_start(self) -> None: ...
 
     def on_train_epoch_end(self) -> None: ...
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None: ...
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Runs after the optimizer step (EMA targets and queues see the updated weights)."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradients are final (synced, unscaled, clipped); the step has not happened yet."""
+
+    def on_validation_epoch_start(self) -> None: ...
+
     def on_validation_epoch_end(self) -> None: ...
 
-    def on_train_end(self) -> None: ...
+    def on_test_epoch_start(self) -> None: ...
 
+    def on_test_epoch_end(self) -> None: ...

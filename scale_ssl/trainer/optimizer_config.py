@@ -60,11 +60,12 @@ def _scheduler_config(item, optimizers: list) -> SchedulerConfig:
     return config
 
 
-def parse_optimizer_config(returned) -> tuple[list, list[SchedulerConfig]]:
+def parse_optimizer_config(returned) -> tuple[list, list[SchedulerConfig], list[int]]:
+    """-> (optimizers, scheduler configs, optimizer frequencies or [])."""
     if returned is None:
-        return [], []
+        return [], [], []
     if isinstance(returned, torch.optim.Optimizer):
-        return [returned], []
+        return [returned], [], []
     if isinstance(returned, dict):
         return parse_optimizer_config([returned])
     if isinstance(returned, (list, tuple)):
@@ -72,23 +73,45 @@ def parse_optimizer_config(returned) -> tuple[list, list[SchedulerConfig]]:
         if len(items) == 2 and isinstance(items[0], (list, tuple)) and isinstance(items[1], (list, tuple)):
             optimizers = list(items[0])
             _check_optimizers(optimizers)
-            return optimizers, [_scheduler_config(s, optimizers) for s in items[1]]
-        if all(isinstance(i, dict) for i in items):
-            optimizers, raw = [], []
-            for entry in items:
-                if "optimizer" not in entry:
-                    raise ValueError("configure_optimizers: a returned dict needs an 'optimizer' key")
-                optimizers.append(entry["optimizer"])
-                if entry.get("lr_scheduler") is not None:
-                    raw.append(entry["lr_scheduler"])
-            _check_optimizers(optimizers)
-            return optimizers, [_scheduler_config(s, optimizers) for s in raw]
+            return optimizers, [_scheduler_config(s, optimizers) for s in items[1]], []
+        if items and all(isinstance(i, dict) for i in items):
+            return _parse_dicts(items)
         _check_optimizers(items)
-        return items, []
+        return items, [], []
     raise TypeError(
         f"configure_optimizers returned {type(returned).__name__}; return an optimizer, a list of "
         "optimizers, ([optimizers], [schedulers]), a dict with 'optimizer' (and 'lr_scheduler'), or None"
     )
+
+
+_DICT_KEYS = {"optimizer", "lr_scheduler", "frequency"}
+
+
+def _parse_dicts(items: list[dict]) -> tuple[list, list[SchedulerConfig], list[int]]:
+    optimizers, raw, frequencies = [], [], []
+    for position, entry in enumerate(items):
+        unknown = set(entry) - _DICT_KEYS
+        if unknown:
+            raise ValueError(
+                f"configure_optimizers: dict {position} has unknown keys {sorted(unknown)}; valid keys are {sorted(_DICT_KEYS)}"
+            )
+        if "optimizer" not in entry:
+            raise ValueError(f"configure_optimizers: dict {position} needs an 'optimizer' key")
+        optimizers.append(entry["optimizer"])
+        if entry.get("lr_scheduler") is not None:
+            raw.append(entry["lr_scheduler"])
+        frequencies.append(entry.get("frequency"))
+    _check_optimizers(optimizers)
+    given = [f for f in frequencies if f is not None]
+    if given and len(given) != len(frequencies):
+        raise ValueError(
+            "configure_optimizers: 'frequency' is given for some optimizers but not all; give every dict a "
+            "'frequency' (optimizers take turns) or none (each batch trains every optimizer)"
+        )
+    for f in given:
+        if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+            raise ValueError(f"configure_optimizers: 'frequency' must be an int >= 1, got {f!r}")
+    return optimizers, [_scheduler_config(s, optimizers) for s in raw], given
 
 
 def _check_optimizers(optimizers: list) -> None:

@@ -3,7 +3,10 @@
 The loop is written once and reads top to bottom: fetch batch -> forward under autocast (through
 the strategy's wrapper, so DDP's hooks see it) -> ``training_step_end`` -> backward (gradient
 sync suppressed on non-final micro-batches) -> clip -> optimizer step -> schedulers -> hooks ->
-metrics at logging intervals only -> checkpoints.
+metrics at logging intervals only -> validation at its interval -> checkpoints.
+
+``global_step`` counts optimizer steps summed over optimizers (as Lightning >= 1.6 does), so a
+GAN with two optimizers advances it by two per batch.
 """
 
 from __future__ import annotations
@@ -11,61 +14,81 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+import warnings
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from scale_ssl.strategies import Strategy, build_strategy
+from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer.callback import Callback
+from scale_ssl.trainer.manual_optimization import OptimizerToggle, WrappedOptimizer
+from scale_ssl.trainer.metrics import reduce_and_fetch
 from scale_ssl.trainer.module import SSLModule
 from scale_ssl.trainer.optimizer_config import SchedulerConfig, parse_optimizer_config
 from scale_ssl.trainer.precision import Precision
 from scale_ssl.trainer.progress import ProgressDisplay
 from scale_ssl.trainer.seed import rng_state, seed_everything, set_rng_state
-from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION
 
 
-class _TrainingStepAdapter(nn.Module):
+class _StepAdapter(nn.Module):
     """Makes ``forward`` run ``training_step`` so a DDP wrapper sees the step as its forward."""
 
     def __init__(self, module: SSLModule):
         super().__init__()
         self.module = module
 
-    def forward(self, batch, batch_idx: int):
-        return self.module.training_step(batch, batch_idx)
+    def forward(self, *args):
+        return self.module.training_step(*args)
 
 
 class Trainer:
-    """Fit an ``SSLModule`` with a strategy backend.
+    """Fit, validate, test and predict with an ``SSLModule`` on a strategy backend.
 
     Args:
-        strategy: "single", "ddp" (or a ``Strategy`` instance).
-        max_steps: optimizer steps to run (-1: bounded by ``max_epochs``).
-        max_epochs: passes over the training stream (``None`` with ``max_steps=-1`` means 1).
+        strategy: "single", "ddp" (or a ``Strategy`` instance); ``strategy_options`` are passed on.
+        max_epochs / min_epochs / max_steps / min_steps: stop bounds; ``should_stop`` (e.g. from
+            EarlyStopping) is honoured only once the minimums are reached. With neither
+            ``max_epochs`` nor ``max_steps`` one epoch runs.
         precision: "32", "bf16-mixed", "16-mixed" (CUDA only).
         accumulate_grad_batches: micro-batches per optimizer step; the loss is divided by it and
             DDP skips gradient sync on all but the last micro-batch.
         gradient_clip_val / gradient_clip_algorithm: clip by global norm ("norm") or value.
+        check_val_every_n_epoch / val_check_interval: validate every n epochs, or inside an epoch
+            every ``val_check_interval`` batches (int) or fraction of the epoch (float).
+        limit_{train,val,test,predict}_batches: an int count or a float fraction of the loader.
+        num_sanity_val_steps: validation batches run before training (skipped on resume).
+        fast_dev_run: True (or n) runs 1 (n) batch of train/val/test with no checkpoints or logs.
         log_every_n_steps: metrics are reduced and fetched from the device only this often.
         logger: an MLflow-style logger, ``None`` for the default MLflow logger, ``False`` for none.
-        checkpoint_every_n_steps: also write ``last.ckpt`` every N optimizer steps (0: at the end only).
+        callbacks: ``Callback`` instances.
+        checkpoint_every_n_steps: write ``last.ckpt`` every N optimizer steps (0: at the end only).
         default_root_dir: where checkpoints (``checkpoints/``) and the local MLflow store go.
-        seed: seeds python/numpy/torch identically on every rank before the module is set up.
-        strategy_options: keyword arguments for the strategy (e.g. ``sync_batchnorm``).
+        seed / deterministic: seeding of python/numpy/torch on every rank; deterministic kernels.
+        run_config: the resolved run config, stored in checkpoints and logged to MLflow.
     """
 
     def __init__(
         self,
         strategy: str | Strategy = "single",
-        max_steps: int = -1,
         max_epochs: int | None = None,
+        min_epochs: int | None = None,
+        max_steps: int = -1,
+        min_steps: int | None = None,
         precision: str | int = "32",
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        check_val_every_n_epoch: int | None = 1,
+        val_check_interval: int | float | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        num_sanity_val_steps: int = 2,
+        fast_dev_run: bool | int = False,
         log_every_n_steps: int = 50,
         logger: Any = None,
         callbacks: list[Callback] | None = None,
@@ -74,30 +97,60 @@ class Trainer:
         checkpoint_every_n_steps: int = 0,
         default_root_dir: str = "runs",
         seed: int | None = 0,
-        limit_train_batches: int | None = None,
-        check_val_every_n_epoch: int = 1,
+        deterministic: bool = False,
         run_config: dict | None = None,
         strategy_options: dict | None = None,
     ):
         _check_int("trainer.max_steps", max_steps, minimum=-1)
-        if max_epochs is not None:
-            _check_int("trainer.max_epochs", max_epochs, minimum=1)
+        for name, value in (("max_epochs", max_epochs), ("min_epochs", min_epochs), ("min_steps", min_steps)):
+            if value is not None:
+                _check_int(f"trainer.{name}", value, minimum=0)
         _check_int("trainer.accumulate_grad_batches", accumulate_grad_batches, minimum=1)
         _check_int("trainer.log_every_n_steps", log_every_n_steps, minimum=1)
         _check_int("trainer.checkpoint_every_n_steps", checkpoint_every_n_steps, minimum=0)
+        _check_int("trainer.num_sanity_val_steps", num_sanity_val_steps, minimum=-1)
+        if check_val_every_n_epoch is not None:
+            _check_int("trainer.check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
         if gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(
-                f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}; use 'norm' or 'value'"
-            )
+            raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}; use 'norm' or 'value'")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise ValueError(f"trainer.gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
+            raise ValueError(f"trainer.gradient_clip_val must be > 0 or None, got {gradient_clip_val!r}")
+        for name, value in (("limit_train_batches", limit_train_batches), ("limit_val_batches", limit_val_batches),
+                            ("limit_test_batches", limit_test_batches), ("limit_predict_batches", limit_predict_batches)):
+            _check_limit(f"trainer.{name}", value)
+        if val_check_interval is not None:
+            _check_limit("trainer.val_check_interval", val_check_interval)
+            if val_check_interval == 0:
+                raise ValueError("trainer.val_check_interval must be > 0 (an int batch count or a fraction in (0, 1])")
+        if isinstance(fast_dev_run, bool) or fast_dev_run is None:
+            fast_dev_batches = 1 if fast_dev_run else 0
+        else:
+            _check_int("trainer.fast_dev_run", fast_dev_run, minimum=0)
+            fast_dev_batches = fast_dev_run
+
         self.strategy = build_strategy(strategy, **(strategy_options or {}))
+        self.fast_dev_run = fast_dev_batches
+        if fast_dev_batches:
+            # As in Lightning: n batches of each stage, one epoch, nothing written.
+            max_steps, max_epochs = fast_dev_batches, 1
+            limit_train_batches = limit_val_batches = limit_test_batches = limit_predict_batches = fast_dev_batches
+            num_sanity_val_steps, val_check_interval, check_val_every_n_epoch = 0, None, 1
+            logger, enable_checkpointing = False, False
         self.max_steps = max_steps
         self.max_epochs = max_epochs if max_epochs is not None else (1 if max_steps == -1 else None)
+        self.min_epochs = min_epochs or 0
+        self.min_steps = min_steps or 0
         self.precision_name = str(precision)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.val_check_interval = val_check_interval
+        self.limit_train_batches = limit_train_batches
+        self.limit_val_batches = limit_val_batches
+        self.limit_test_batches = limit_test_batches
+        self.limit_predict_batches = limit_predict_batches
+        self.num_sanity_val_steps = num_sanity_val_steps
         self.log_every_n_steps = log_every_n_steps
         self._logger_arg = logger
         self.logger = None
@@ -107,19 +160,33 @@ class Trainer:
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.default_root_dir = default_root_dir
         self.seed = seed
-        self.limit_train_batches = limit_train_batches
-        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.deterministic = deterministic
         self.run_config = run_config
 
         self.global_step = 0
         self.current_epoch = 0
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.wrapped_optimizers: list[WrappedOptimizer] = []
         self.lr_scheduler_configs: list[SchedulerConfig] = []
+        self.optimizer_frequencies: list[int] = []
         self.callback_metrics: dict[str, float] = {}
+        self.logged_metrics: dict[str, float] = {}
+        self.progress_bar_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.module: SSLModule | None = None
         self.train_dataloader = None
+        self.val_dataloaders: list = []
         self.should_stop = False
+        self.sanity_checking = False
+        self.state = "initializing"
+        self._toggle = OptimizerToggle()
+        self._batches_to_skip = 0
+        self._batch_in_epoch = 0
+        self._progress = ProgressDisplay(False, None)
+        self._environment_ready = False
+        self._end_epoch_early = False
+        self._train_source = None
+        self._datamodule = None
 
     # -- derived quantities a module may ask for -------------------------------------------
     @property
@@ -127,24 +194,23 @@ class Trainer:
         return self.strategy.world_size
 
     @property
+    def global_rank(self) -> int:
+        return self.strategy.global_rank
+
+    @property
     def is_global_zero(self) -> bool:
         return self.strategy.is_global_zero
 
     @property
     def num_training_batches(self) -> int | None:
-        loader = self.train_dataloader
-        try:
-            n = len(loader)
-        except TypeError:
-            return None
-        if self.limit_train_batches is not None:
-            n = min(n, self.limit_train_batches)
-        return n
+        return _limited_length(self._train_loader(), self.limit_train_batches)
 
     @property
     def steps_per_epoch(self) -> int | None:
         n = self.num_training_batches
-        return None if n is None else math.ceil(n / self.accumulate_grad_batches)
+        if n is None:
+            return None
+        return math.ceil(n / self.accumulate_grad_batches) * self._steps_per_optimizer_round()
 
     @property
     def estimated_stepping_batches(self) -> int:
@@ -163,108 +229,223 @@ class Trainer:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.default_root_dir, "checkpoints")
 
-    # -- fit -------------------------------------------------------------------------------
-    def fit(self, module: SSLModule, train_dataloaders=None, ckpt_path: str | None = None) -> SSLModule:
-        strategy = self.strategy
-        strategy.setup_environment()
-        if self.seed is not None:
-            seed_everything(self.seed)
-        self.module = module
-        module.trainer = self
-        self.precision = Precision(self.precision_name, strategy.root_device)
-        module.setup("fit")
-        self.train_dataloader = train_dataloaders if train_dataloaders is not None else module.train_dataloader()
+    # -- entry points ----------------------------------------------------------------------
+    def fit(self, model: SSLModule, train_dataloaders=None, val_dataloaders=None, datamodule=None,
+            ckpt_path: str | None = None) -> SSLModule:
+        self.state = "fit"
+        module = self._attach(model, "fit", datamodule)
+        self._train_source = train_dataloaders
+        self._datamodule = datamodule
+        self.train_dataloader = None
+        self.wrapped = self.strategy.setup_module(_StepAdapter(module))
+        returned = module.configure_optimizers()
+        self.optimizers, self.lr_scheduler_configs, self.optimizer_frequencies = parse_optimizer_config(returned)
+        self.wrapped_optimizers = [WrappedOptimizer(opt, self, i) for i, opt in enumerate(self.optimizers)]
+        self._check_optimization_mode(module)
+        self.train_dataloader = self._train_loader()
         if self.train_dataloader is None:
             raise ValueError("no training data: pass train_dataloaders to fit() or implement train_dataloader()")
-
-        adapter = _TrainingStepAdapter(module)
-        self.wrapped = strategy.setup_module(adapter)
-        self.optimizers, self.lr_scheduler_configs = parse_optimizer_config(module.configure_optimizers())
+        self.val_dataloaders = self._loaders(val_dataloaders, "val_dataloader", datamodule)
 
         checkpoint = None
         if ckpt_path is not None:
-            checkpoint = strategy.load_checkpoint(self._resolve_ckpt_path(ckpt_path))
+            checkpoint = self.strategy.load_checkpoint(self._resolve_ckpt_path(ckpt_path))
             self._restore(checkpoint)
-
         self.logger = self._build_logger(checkpoint)
         if self.logger is not None and checkpoint is None:
             self.logger.log_hyperparams(self._params_to_log(module))
             if self.run_config is not None:
                 self.logger.log_dict(self.run_config, "config/resolved_config.yaml")
 
-        for cb in self.callbacks:
-            cb.on_fit_start(self, module)
-        module.on_fit_start()
-        module.train()
-        module.on_train_start()
         status = "FAILED"
         try:
+            self._call("on_fit_start")
+            if checkpoint is None and self.num_sanity_val_steps != 0 and self._has_validation(module):
+                self._sanity_check(module)
+            module.train()
+            self._call("on_train_start")
             self._fit_loop(module)
+            self._call("on_train_end")
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
-            if self.enable_checkpointing and status == "FINISHED":
-                self.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
             if status == "FINISHED":
-                module.on_train_end()
-                for cb in self.callbacks:
-                    cb.on_fit_end(self, module)
-            if self.logger is not None:
-                if status == "FINISHED":
-                    self.logger.log_metric_curves(keys=_curve_keys(self.history))
-                self.logger.finalize(status)
+                if self.enable_checkpointing:
+                    self.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
+                self._call("on_fit_end")
+            self._finish_logger(status)
+            self._teardown(module, "fit")
+        self.state = "finished"
         return module
 
+    def validate(self, model: SSLModule, dataloaders=None, datamodule=None, ckpt_path: str | None = None) -> list[dict]:
+        return self._evaluate(model, "validate", dataloaders, datamodule, ckpt_path)
+
+    def test(self, model: SSLModule, dataloaders=None, datamodule=None, ckpt_path: str | None = None) -> list[dict]:
+        return self._evaluate(model, "test", dataloaders, datamodule, ckpt_path)
+
+    def predict(self, model: SSLModule, dataloaders=None, datamodule=None, ckpt_path: str | None = None) -> list:
+        self.state = "predict"
+        module = self._attach(model, "predict", datamodule)
+        loaders = self._loaders(dataloaders, "predict_dataloader", datamodule)
+        if not loaders:
+            raise ValueError("no predict data: pass dataloaders to predict() or implement predict_dataloader()")
+        if ckpt_path is not None:
+            module.load_state_dict(self.strategy.load_checkpoint(self._resolve_ckpt_path(ckpt_path))["state_dict"])
+        module.to(self.strategy.root_device)
+        results = []
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                for dl_idx, loader in enumerate(loaders):
+                    limit = _limited_length(loader, self.limit_predict_batches)
+                    outputs = []
+                    for batch_idx, batch in enumerate(loader):
+                        if limit is not None and batch_idx >= limit:
+                            break
+                        batch = self.strategy.batch_to_device(batch)
+                        with self.precision.autocast():
+                            outputs.append(module.predict_step(batch, batch_idx, dl_idx) if len(loaders) > 1 else module.predict_step(batch, batch_idx))
+                    results.append(outputs)
+        finally:
+            module.train(was_training)
+            self._teardown(module, "predict")
+        return results[0] if len(results) == 1 else results
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _attach(self, module: SSLModule, stage: str, datamodule) -> SSLModule:
+        if not isinstance(module, SSLModule):
+            raise TypeError(f"Trainer.{stage} expects an SSLModule, got {type(module).__name__}")
+        strategy = self.strategy
+        if not self._environment_ready:
+            strategy.setup_environment()
+            self._environment_ready = True
+        if self.seed is not None:
+            seed_everything(self.seed)
+        if self.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.module = module
+        module.trainer = self
+        self.precision = Precision(self.precision_name, strategy.root_device)
+        # prepare_data writes to disk: once per node, before any rank builds a loader.
+        if strategy.local_rank == 0:
+            if datamodule is not None and hasattr(datamodule, "prepare_data"):
+                datamodule.prepare_data()
+            module.prepare_data()
+        strategy.barrier()
+        if datamodule is not None and hasattr(datamodule, "setup"):
+            datamodule.setup(stage)
+        module.setup(stage)
+        for cb in self.callbacks:
+            cb.setup(self, module, stage)
+        return module
+
+    def _teardown(self, module: SSLModule, stage: str) -> None:
+        for cb in self.callbacks:
+            cb.teardown(self, module, stage)
+        module.teardown(stage)
+
+    def _train_loader(self):
+        """The training loader, fetched once and lazily: ``configure_optimizers`` may ask for
+        ``estimated_stepping_batches`` before the loop starts, as in Lightning."""
+        if self.train_dataloader is None and self.state == "fit" and self.module is not None:
+            if self._train_source is not None:
+                self.train_dataloader = self._train_source
+            elif self._datamodule is not None and hasattr(self._datamodule, "train_dataloader"):
+                self.train_dataloader = self._datamodule.train_dataloader()
+            else:
+                self.train_dataloader = self.module.train_dataloader()
+        return self.train_dataloader
+
+    def _loaders(self, given, hook: str, datamodule) -> list:
+        if given is None:
+            source = datamodule if datamodule is not None and hasattr(datamodule, hook) else self.module
+            given = getattr(source, hook)()
+        if given is None:
+            return []
+        if isinstance(given, (list, tuple)) and given and not isinstance(given[0], torch.Tensor) and _is_loader(given[0]):
+            return list(given)
+        return [given]
+
+    def _check_optimization_mode(self, module: SSLModule) -> None:
+        if module.automatic_optimization:
+            if any(isinstance(o, torch.optim.LBFGS) for o in self.optimizers) and self.accumulate_grad_batches > 1:
+                raise ValueError("LBFGS re-evaluates the loss inside step(): it cannot be combined with accumulate_grad_batches > 1")
+            return
+        if self.accumulate_grad_batches != 1:
+            raise ValueError(
+                "accumulate_grad_batches is not used with manual optimization (automatic_optimization=False): "
+                "accumulate in training_step yourself and leave trainer.accumulate_grad_batches=1"
+            )
+        if self.gradient_clip_val is not None:
+            raise ValueError(
+                "gradient_clip_val is not used with manual optimization: call "
+                "self.clip_gradients(opt, gradient_clip_val=..., gradient_clip_algorithm=...) in training_step"
+            )
+
+    # -- the fit loop ----------------------------------------------------------------------
     def _fit_loop(self, module: SSLModule) -> None:
         total_steps = self.max_steps if self.max_steps > 0 else self.estimated_stepping_batches
         with ProgressDisplay(self.enable_progress_bar and self.is_global_zero, total_steps) as progress:
             self._progress = progress
             progress.update(self.global_step)
-            window_start, window_images = time.perf_counter(), 0
+            self._window = [time.perf_counter(), 0]
             while not self._done():
-                loader = self.train_dataloader
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(self.current_epoch)
-                module.on_train_epoch_start()
-                for cb in self.callbacks:
-                    cb.on_train_epoch_start(self, module)
-                num_batches = self.num_training_batches
-                # Mid-epoch resume: a stream that can seek (``skip_batches``) starts after the
-                # batches already trained on; any other iterable is replayed without compute.
-                skip, self._batches_to_skip = self._batches_to_skip, 0
-                start = 0
-                if skip and hasattr(loader, "skip_batches"):
-                    loader.skip_batches(skip)
-                    start, skip = skip, 0
-                exhausted, batch_idx = True, -1
-                for batch_idx, batch in enumerate(loader, start=start):
-                    if num_batches is not None and batch_idx >= num_batches:
-                        break
-                    if batch_idx < skip:
-                        continue
-                    window_images += _batch_size(batch) * self.world_size
-                    stepped = self._train_micro_batch(module, batch, batch_idx, num_batches)
-                    self._batch_in_epoch = batch_idx + 1
-                    if stepped and self.global_step % self.log_every_n_steps == 0:
-                        elapsed = time.perf_counter() - window_start
-                        self._log_step_metrics(module, images_per_s=window_images / max(elapsed, 1e-9))
-                        window_start, window_images = time.perf_counter(), 0
-                    if stepped and self.checkpoint_every_n_steps and self.global_step % self.checkpoint_every_n_steps == 0:
-                        self.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
-                    if self._done():
-                        exhausted = num_batches is not None and batch_idx + 1 >= num_batches
-                        break
-                if batch_idx < 0:
-                    raise RuntimeError(
-                        f"the training stream yielded no batch in epoch {self.current_epoch}; check the shard "
-                        "paths and that global_batch_size is not larger than the data set"
-                    )
-                if exhausted:
-                    self._end_epoch(module)
+                self._run_epoch(module)
+
+    def _run_epoch(self, module: SSLModule) -> None:
+        loader = self.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.current_epoch)
+        module._stage = "train"
+        self._call("on_train_epoch_start")
+        num_batches = self.num_training_batches
+        val_every = self._val_check_batches(num_batches)
+        # Mid-epoch resume: a stream that can seek (``skip_batches``) starts after the batches
+        # already trained on; any other iterable is replayed without compute.
+        skip, self._batches_to_skip = self._batches_to_skip, 0
+        start = 0
+        if skip and hasattr(loader, "skip_batches"):
+            loader.skip_batches(skip)
+            start, skip = skip, 0
+        exhausted, batch_idx = True, -1
+        for batch_idx, batch in enumerate(loader, start=start):
+            if num_batches is not None and batch_idx >= num_batches:
+                break
+            if batch_idx < skip:
+                continue
+            self._window[1] += _batch_size(batch) * self.world_size
+            stepped = self._train_batch(module, batch, batch_idx, num_batches)
+            self._batch_in_epoch = batch_idx + 1
+            if stepped and self.global_step % self.log_every_n_steps == 0:
+                self._log_step_metrics(module)
+            if stepped and self.checkpoint_every_n_steps and self.global_step % self.checkpoint_every_n_steps == 0:
+                self.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
+            if val_every and (batch_idx + 1) % val_every == 0 and (num_batches is None or batch_idx + 1 < num_batches):
+                self._validation_run(module)
+            if self._end_epoch_early:
+                self._end_epoch_early = False
+                break
+            if self._done():
+                exhausted = num_batches is not None and batch_idx + 1 >= num_batches
+                break
+        if batch_idx < start:
+            raise RuntimeError(
+                f"the training stream yielded no batch in epoch {self.current_epoch}; check the shard "
+                "paths and that global_batch_size is not larger than the data set"
+            )
+        if exhausted:
+            self._end_epoch(module)
 
     def _end_epoch(self, module: SSLModule) -> None:
-        module.on_train_epoch_end()
-        for cb in self.callbacks:
-            cb.on_train_epoch_end(self, module)
+        if self._validation_due():
+            self._validation_run(module)
+        module._stage = "train"
+        self._call("on_train_epoch_end")
+        self._log_epoch_metrics(module)
         for config in self.lr_scheduler_configs:
             if config.interval == "epoch" and (self.current_epoch + 1) % config.frequency == 0:
                 self._step_scheduler(config)
@@ -272,100 +453,332 @@ class Trainer:
         self._batch_in_epoch = 0
 
     def _done(self) -> bool:
-        if self.should_stop:
+        minimums_met = self.current_epoch >= self.min_epochs and self.global_step >= self.min_steps
+        if self.should_stop and minimums_met:
             return True
         if self.max_steps > 0 and self.global_step >= self.max_steps:
             return True
         return self.max_epochs is not None and self.current_epoch >= self.max_epochs
 
-    def _train_micro_batch(self, module: SSLModule, batch, batch_idx: int, num_batches: int | None) -> bool:
-        strategy = self.strategy
+    # -- one batch -------------------------------------------------------------------------
+    def _active_optimizers(self, batch_idx: int) -> list[int]:
+        """Which optimizers this batch trains: all (each with its own training_step call), or,
+        with frequencies, the one whose turn it is."""
+        if len(self.optimizers) <= 1:
+            return [0] if self.optimizers else []
+        if not self.optimizer_frequencies:
+            return list(range(len(self.optimizers)))
+        position = batch_idx % sum(self.optimizer_frequencies)
+        for idx, freq in enumerate(self.optimizer_frequencies):
+            if position < freq:
+                return [idx]
+            position -= freq
+        return [0]
+
+    def _steps_per_optimizer_round(self) -> int:
+        if len(self.optimizers) > 1 and not self.optimizer_frequencies:
+            return len(self.optimizers)
+        return 1
+
+    def _train_batch(self, module: SSLModule, batch, batch_idx: int, num_batches: int | None) -> bool:
+        batch = self.strategy.batch_to_device(batch)
+        response = module.on_train_batch_start(batch, batch_idx)
+        for cb in self.callbacks:
+            cb.on_train_batch_start(self, module, batch, batch_idx)
+        if response == -1:  # Lightning's convention: end this epoch here
+            self._end_epoch_early = True
+            return False
+        if not module.automatic_optimization:
+            outputs = self._run_step(module, batch, batch_idx, None)
+            stepped = self._manual_stepped
+            self._manual_stepped = False
+            self._after_batch(module, outputs, batch, batch_idx)
+            return stepped
+
         accumulate = self.accumulate_grad_batches
         last_of_epoch = num_batches is not None and batch_idx + 1 == num_batches
         is_step = (batch_idx + 1) % accumulate == 0 or last_of_epoch
-        batch = strategy.batch_to_device(batch)
-        with strategy.no_backward_sync(self.wrapped, enabled=not is_step):
-            with self.precision.autocast():
-                outputs = self.wrapped(batch, batch_idx)
-            outputs = module.training_step_end(outputs)
+        outputs, stepped = None, False
+        for opt_idx in self._active_optimizers(batch_idx):
+            multi = len(self.optimizers) > 1
+            if multi:
+                self._toggle.toggle(module, self.optimizers, opt_idx)
+            try:
+                optimizer = self.optimizers[opt_idx] if self.optimizers else None
+                if isinstance(optimizer, torch.optim.LBFGS):
+                    outputs = self._lbfgs_step(module, optimizer, opt_idx, batch, batch_idx)
+                    stepped = True
+                    continue
+                with self.strategy.no_backward_sync(self.wrapped, enabled=not is_step):
+                    outputs = self._run_step(module, batch, batch_idx, opt_idx if multi else None)
+                    loss = _extract_loss(outputs)
+                    if loss is None:
+                        if self.world_size > 1:
+                            raise RuntimeError(
+                                "training_step returned None under a distributed strategy; every rank must return a "
+                                "loss (skipping on one rank would leave the others waiting in the gradient all-reduce)"
+                            )
+                        continue
+                    if optimizer is not None:
+                        self.strategy.backward(self.precision.scale(loss / accumulate))
+                if is_step and optimizer is not None:
+                    self._optimizer_step(module, optimizer, opt_idx)
+                    stepped = True
+            finally:
+                if multi:
+                    self._toggle.untoggle(module)
+        self._after_batch(module, outputs, batch, batch_idx)
+        return stepped
+
+    def _run_step(self, module: SSLModule, batch, batch_idx: int, opt_idx: int | None):
+        args = (batch, batch_idx) if opt_idx is None else (batch, batch_idx, opt_idx)
+        with self.precision.autocast():
+            outputs = self.wrapped(*args)
+        return module.training_step_end(outputs)
+
+    def _optimizer_step(self, module: SSLModule, optimizer, opt_idx: int) -> None:
+        self._clip_gradients(optimizer)
+        module.on_before_optimizer_step(optimizer)
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self, module, optimizer)
+        self.precision.step(optimizer, lambda: self.strategy.optimizer_step(optimizer))
+        optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self._step_schedulers_of(opt_idx)
+
+    def _lbfgs_step(self, module: SSLModule, optimizer, opt_idx: int, batch, batch_idx: int):
+        """LBFGS evaluates the loss several times per step: the trainer builds that closure."""
+        holder = {}
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            outputs = self._run_step(module, batch, batch_idx, opt_idx if len(self.optimizers) > 1 else None)
             loss = _extract_loss(outputs)
-            if loss is None:
-                if self.world_size > 1:
-                    raise RuntimeError(
-                        "training_step returned None under a distributed strategy; every rank must return a loss "
-                        "(skipping on one rank would leave the others waiting in the gradient all-reduce)"
-                    )
-                return False
-            strategy.backward(self.precision.scale(loss / accumulate))
-        if is_step:
-            for optimizer in self.optimizers:
-                self._clip_gradients(optimizer)
-                self.precision.step(optimizer, lambda opt=optimizer: strategy.optimizer_step(opt))
-                optimizer.zero_grad(set_to_none=True)
-            self.global_step += 1
-            for config in self.lr_scheduler_configs:
-                if config.interval == "step" and self.global_step % config.frequency == 0:
+            self.strategy.backward(loss)
+            holder["outputs"] = outputs
+            return loss.detach()
+
+        module.on_before_optimizer_step(optimizer)
+        self.strategy.optimizer_step(optimizer, closure)
+        optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self._step_schedulers_of(opt_idx)
+        return holder.get("outputs")
+
+    def _step_schedulers_of(self, opt_idx: int) -> None:
+        for config in self.lr_scheduler_configs:
+            if config.optimizer_idx == opt_idx and config.interval == "step":
+                steps_of_this_optimizer = getattr(config, "_steps", 0) + 1
+                config._steps = steps_of_this_optimizer
+                if steps_of_this_optimizer % config.frequency == 0:
                     self._step_scheduler(config)
+
+    def _after_batch(self, module: SSLModule, outputs, batch, batch_idx: int) -> None:
         # After the optimizer step, as in Lightning: EMA targets and queues see the new weights.
         module.on_train_batch_end(outputs, batch, batch_idx)
         for cb in self.callbacks:
             cb.on_train_batch_end(self, module, outputs, batch, batch_idx)
-        return is_step
 
-    def _clip_gradients(self, optimizer) -> None:
-        if self.gradient_clip_val is None:
-            return
-        self.precision.unscale(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if self.gradient_clip_algorithm == "norm":
-            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
+    # -- manual optimization ---------------------------------------------------------------
+    _manual_stepped = False
+
+    def _manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        self.strategy.backward(self.precision.scale(loss), *args, **kwargs)
+
+    def _manual_optimizer_step(self, wrapped: WrappedOptimizer, closure=None, **kwargs):
+        optimizer = wrapped.optimizer
+        self.module.on_before_optimizer_step(optimizer)
+        if closure is not None:
+            result = self.strategy.optimizer_step(optimizer, closure)
         else:
-            torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val)
+            result = self.precision.step(optimizer, lambda: self.strategy.optimizer_step(optimizer))
+        self.global_step += 1
+        self._manual_stepped = True
+        return result
+
+    def _optimizer_index(self, optimizer) -> int:
+        raw = optimizer.optimizer if isinstance(optimizer, WrappedOptimizer) else optimizer
+        for idx, opt in enumerate(self.optimizers):
+            if opt is raw:
+                return idx
+        raise ValueError("toggle_optimizer: this optimizer was not returned by configure_optimizers")
+
+    # -- gradients -------------------------------------------------------------------------
+    def _clip_gradients(self, optimizer) -> None:
+        if self.gradient_clip_val is not None:
+            self._clip(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+
+    def _clip(self, optimizer, value: float, algorithm: str) -> None:
+        raw = optimizer.optimizer if isinstance(optimizer, WrappedOptimizer) else optimizer
+        if algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm={algorithm!r}; use 'norm' or 'value'")
+        self.precision.unscale(raw)
+        params = [p for group in raw.param_groups for p in group["params"] if p.grad is not None]
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, value)
+        else:
+            torch.nn.utils.clip_grad_value_(params, value)
 
     def _step_scheduler(self, config: SchedulerConfig) -> None:
         if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             value = self.callback_metrics.get(config.monitor)
             if value is None:
+                message = (
+                    f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged; available: "
+                    f"{sorted(self.callback_metrics)}; log it with self.log({config.monitor!r}, ...) or set strict=False"
+                )
                 if config.strict:
-                    raise ValueError(
-                        f"ReduceLROnPlateau monitors {config.monitor!r}, which was never logged; log it with "
-                        f"self.log({config.monitor!r}, ...) or set strict=False"
-                    )
+                    raise ValueError(message)
+                warnings.warn(message + " (skipping this scheduler step)", stacklevel=2)
                 return
             config.scheduler.step(value)
         else:
             config.scheduler.step()
 
+    # -- validation / test -----------------------------------------------------------------
+    def _has_validation(self, module: SSLModule) -> bool:
+        return bool(self.val_dataloaders) and type(module).validation_step is not SSLModule.validation_step
+
+    def _val_check_batches(self, num_batches: int | None) -> int | None:
+        interval = self.val_check_interval
+        if interval is None or not self._has_validation(self.module):
+            return None
+        if isinstance(interval, float):
+            if num_batches is None:
+                raise ValueError("trainer.val_check_interval as a fraction needs a training loader with a length")
+            return max(1, int(num_batches * interval))
+        return interval
+
+    def _validation_due(self) -> bool:
+        if not self._has_validation(self.module) or self.check_val_every_n_epoch is None:
+            return False
+        if self.val_check_interval is not None and not isinstance(self.val_check_interval, float):
+            return False
+        return (self.current_epoch + 1) % self.check_val_every_n_epoch == 0
+
+    def _sanity_check(self, module: SSLModule) -> None:
+        self.sanity_checking = True
+        try:
+            limit = None if self.num_sanity_val_steps < 0 else self.num_sanity_val_steps
+            self._run_eval_loop(module, "validate", self.val_dataloaders, limit_override=limit, log=False)
+        finally:
+            self.sanity_checking = False
+            self.callback_metrics = {k: v for k, v in self.callback_metrics.items() if not k.startswith("val")}
+
+    def _validation_run(self, module: SSLModule) -> None:
+        self._run_eval_loop(module, "validate", self.val_dataloaders)
+        for cb in self.callbacks:
+            cb.on_validation_end(self, module)
+
+    def _evaluate(self, model, stage: str, dataloaders, datamodule, ckpt_path) -> list[dict]:
+        self.state = stage
+        module = self._attach(model, stage, datamodule)
+        hook = "val_dataloader" if stage == "validate" else "test_dataloader"
+        loaders = self._loaders(dataloaders, hook, datamodule)
+        if not loaders:
+            raise ValueError(f"no {stage} data: pass dataloaders to {stage}() or implement {hook}()")
+        if ckpt_path is not None:
+            module.load_state_dict(self.strategy.load_checkpoint(self._resolve_ckpt_path(ckpt_path))["state_dict"])
+        module.to(self.strategy.root_device)
+        if self.logger is None and self._logger_arg is not None and self._logger_arg is not False:
+            self.logger = self._logger_arg
+        try:
+            return self._run_eval_loop(module, stage, loaders)
+        finally:
+            self._teardown(module, stage)
+
+    def _run_eval_loop(self, module: SSLModule, stage: str, loaders: list, limit_override: int | None = None,
+                       log: bool = True) -> list[dict]:
+        """Eval mode, no grad, each loader once; ``*_step_end`` and ``*_epoch_end(outputs)`` called;
+        epoch-logged metrics averaged (and reduced over ranks) into ``callback_metrics``."""
+        prefix = "validation" if stage == "validate" else "test"
+        step_fn = getattr(module, f"{prefix}_step")
+        step_end = getattr(module, f"{prefix}_step_end")
+        limit_setting = self.limit_val_batches if prefix == "validation" else self.limit_test_batches
+        was_training = module.training
+        previous_stage = module._stage
+        module._stage = prefix
+        module.eval()
+        self._call(f"on_{prefix}_epoch_start")
+        all_outputs = []
+        per_loader_metrics = []
+        try:
+            with torch.no_grad():
+                for dl_idx, loader in enumerate(loaders):
+                    limit = limit_override if limit_override is not None else _limited_length(loader, limit_setting)
+                    outputs = []
+                    for batch_idx, batch in enumerate(loader):
+                        if limit is not None and batch_idx >= limit:
+                            break
+                        batch = self.strategy.batch_to_device(batch)
+                        args = (batch, batch_idx, dl_idx) if len(loaders) > 1 else (batch, batch_idx)
+                        with self.precision.autocast():
+                            out = step_end(step_fn(*args))
+                        if out is not None:
+                            outputs.append(out)
+                        for cb in self.callbacks:
+                            getattr(cb, f"on_{prefix}_batch_end")(self, module, out, batch, batch_idx)
+                    all_outputs.append(outputs)
+            epoch_end = getattr(module, f"{prefix}_epoch_end", None)
+            if callable(epoch_end):  # the older Lightning form, with every step's outputs
+                epoch_end(all_outputs[0] if len(loaders) == 1 else all_outputs)
+            self._call(f"on_{prefix}_epoch_end")
+            values = reduce_and_fetch(module._metrics.pop_epoch(), self.strategy)
+            values.update(reduce_and_fetch(module._metrics.pop_step(), self.strategy))
+            self.callback_metrics.update(values)
+            if log and self.logger is not None and values:
+                self.logger.log_metrics(values, step=self.global_step)
+            per_loader_metrics.append(values)
+        finally:
+            module._stage = previous_stage
+            module.train(was_training)
+        return per_loader_metrics
+
+    def _call(self, hook: str) -> None:
+        getattr(self.module, hook)()
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, self.module)
+
     # -- metrics ---------------------------------------------------------------------------
-    def _log_step_metrics(self, module: SSLModule, images_per_s: float) -> None:
+    def _log_step_metrics(self, module: SSLModule) -> None:
         """Reduce and fetch the module's logged values. Every rank reaches this at the same step,
         so the ``sync_dist`` all-reduce cannot deadlock."""
-        logged = dict(module._logged)
-        names = sorted(logged)
-        values = {}
-        synced = [n for n in names if logged[n][1]["sync_dist"]]
-        if synced and self.world_size > 1:
-            stacked = torch.stack([logged[n][0].float().reshape(()) for n in synced])
-            reduced = self.strategy.reduce(stacked, op="mean")
-            for n, v in zip(synced, reduced.tolist()):
-                values[n] = v
-        for n in names:
-            if n not in values:
-                values[n] = float(logged[n][0].float().mean())
+        step_values = module._metrics.pop_step()
+        values = reduce_and_fetch(step_values, self.strategy)
         for i, opt in enumerate(self.optimizers):
             values[f"lr-{i}" if len(self.optimizers) > 1 else "lr"] = float(opt.param_groups[0]["lr"])
-        values["images_per_s"] = images_per_s
+        start, images = self._window
+        values["images_per_s"] = images / max(time.perf_counter() - start, 1e-9)
+        self._window = [time.perf_counter(), 0]
         values["epoch"] = float(self.current_epoch)
+        self._publish(values, shown=[n for n, (_, o) in step_values.items() if o.prog_bar])
+
+    def _log_epoch_metrics(self, module: SSLModule) -> None:
+        epoch_values = module._metrics.pop_epoch()
+        if not epoch_values:
+            return
+        values = reduce_and_fetch(epoch_values, self.strategy)
+        self._publish(values, shown=[n for n, (_, o) in epoch_values.items() if o.prog_bar])
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        """For callbacks: publish host floats to the logger and ``callback_metrics``."""
+        self._publish(dict(values), shown=[])
+
+    def _publish(self, values: dict[str, float], shown: list[str]) -> None:
         self.callback_metrics.update(values)
+        self.logged_metrics.update(values)
         self.history.append({"step": self.global_step, **values})
         if self.logger is not None:
             self.logger.log_metrics(values, step=self.global_step)
-        shown = {n: values[n] for n in names if logged[n][1]["prog_bar"]}
-        shown["img/s"] = images_per_s
-        self._progress.update(self.global_step, shown)
+        bar = {n: values[n] for n in shown if n in values}
+        if "images_per_s" in values:
+            bar["img/s"] = values["images_per_s"]
+        self.progress_bar_metrics.update(bar)
+        self._progress.update(self.global_step, bar or None)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, path: str) -> None:
+        """Called on every rank (states are gathered); rank zero writes atomically."""
         module = self.module
         checkpoint = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -374,16 +787,20 @@ class Trainer:
             "hyper_parameters": dict(module.hparams),
             "optimizer_states": [opt.state_dict() for opt in self.optimizers],
             "lr_scheduler_states": [c.scheduler.state_dict() for c in self.lr_scheduler_configs],
+            "lr_scheduler_step_counts": [getattr(c, "_steps", 0) for c in self.lr_scheduler_configs],
             "precision_state": self.precision.state_dict(),
             "global_step": self.global_step,
             "epoch": self.current_epoch,
             "batch_in_epoch": self._batch_in_epoch,
             "world_size": self.world_size,
             "rng_states": self.strategy.all_gather_object(rng_state()),
-            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
+            "callbacks": {},
             "mlflow_run_id": self.logger.run_id if self.logger is not None else None,
             "config": self.run_config,
         }
+        for cb in self.callbacks:
+            checkpoint["callbacks"][cb.state_key] = cb.state_dict()
+            cb.on_save_checkpoint(self, module, checkpoint)
         if hasattr(self.train_dataloader, "state_dict"):
             checkpoint["data_state"] = self.train_dataloader.state_dict()
         module.on_save_checkpoint(checkpoint)
@@ -392,33 +809,44 @@ class Trainer:
     def _resolve_ckpt_path(self, ckpt_path: str) -> str:
         if ckpt_path == "last":
             return os.path.join(self.checkpoint_dir, "last.ckpt")
+        if ckpt_path == "best":
+            for cb in self.callbacks:
+                if getattr(cb, "best_model_path", None):
+                    return cb.best_model_path
+            raise ValueError("ckpt_path='best' needs a ModelCheckpoint callback that has saved a best model")
         return ckpt_path
-
-    _batches_to_skip = 0
-    _batch_in_epoch = 0
 
     def _restore(self, checkpoint: dict) -> None:
         module = self.module
         module.load_state_dict(checkpoint["state_dict"])
+        if len(checkpoint["optimizer_states"]) != len(self.optimizers):
+            raise ValueError(
+                f"checkpoint has {len(checkpoint['optimizer_states'])} optimizer states but configure_optimizers "
+                f"returned {len(self.optimizers)}; resume with the same optimizer configuration"
+            )
         for opt, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             opt.load_state_dict(state)
-        for config, state in zip(self.lr_scheduler_configs, checkpoint["lr_scheduler_states"]):
+        for config, state, count in zip(self.lr_scheduler_configs, checkpoint["lr_scheduler_states"],
+                                        checkpoint.get("lr_scheduler_step_counts", [0] * len(self.lr_scheduler_configs))):
             config.scheduler.load_state_dict(state)
+            config._steps = count
         self.precision.load_state_dict(checkpoint.get("precision_state", {}))
         self.global_step = int(checkpoint["global_step"])
         self.current_epoch = int(checkpoint["epoch"])
         self._batches_to_skip = int(checkpoint.get("batch_in_epoch", 0))
+        self._batch_in_epoch = self._batches_to_skip
         states = checkpoint.get("rng_states") or []
         if checkpoint.get("world_size") == self.world_size and len(states) == self.world_size:
             set_rng_state(states[self.strategy.global_rank])
         for cb in self.callbacks:
             if cb.state_key in checkpoint.get("callbacks", {}):
                 cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+            cb.on_load_checkpoint(self, module, checkpoint)
         if "data_state" in checkpoint and hasattr(self.train_dataloader, "load_state_dict"):
             self.train_dataloader.load_state_dict(checkpoint["data_state"])
         module.on_load_checkpoint(checkpoint)
-        self._resumed_run_id = checkpoint.get("mlflow_run_id")
 
+    # -- logger ----------------------------------------------------------------------------
     def _build_logger(self, checkpoint: dict | None):
         if self._logger_arg is False:
             return None
@@ -429,6 +857,15 @@ class Trainer:
         if run_id is not None:
             logger.continue_run(run_id)
         return logger
+
+    def _finish_logger(self, status: str) -> None:
+        if self.logger is None:
+            return
+        if status == "FINISHED":
+            keys = _curve_keys(self.history)
+            if keys:
+                self.logger.log_metric_curves(keys=keys)
+        self.logger.finalize(status)
 
     def _params_to_log(self, module: SSLModule) -> dict:
         """The run config as given (flattened by the logger), plus what only the trainer knows."""
@@ -445,7 +882,7 @@ def _extract_loss(outputs) -> torch.Tensor | None:
         return outputs
     if isinstance(outputs, dict):
         if "loss" not in outputs:
-            raise ValueError("training_step returned a dict without a 'loss' key")
+            raise ValueError("training_step returned a dict without a 'loss' key; return {'loss': loss, ...}")
         return outputs["loss"]
     raise TypeError(
         f"training_step must return a loss tensor, a dict with 'loss', or None; got {type(outputs).__name__}"
@@ -464,11 +901,41 @@ def _batch_size(batch) -> int:
     return 1
 
 
+def _is_loader(obj) -> bool:
+    return hasattr(obj, "__iter__") and not isinstance(obj, (torch.Tensor, dict, str))
+
+
+def _limited_length(loader, limit) -> int | None:
+    if loader is None:
+        return None
+    try:
+        n = len(loader)
+    except TypeError:
+        n = None
+    if limit is None:
+        return n
+    if isinstance(limit, float):
+        if n is None:
+            raise ValueError("a fractional limit_*_batches needs a loader with a length; give an int batch count")
+        return int(n * limit)
+    return limit if n is None else min(n, limit)
+
+
 def _curve_keys(history: list[dict]) -> tuple[str, ...]:
-    keys = {k for row in history for k in row if "loss" in k}
-    return tuple(sorted(keys))
+    return tuple(sorted({k for row in history for k in row if "loss" in k}))
 
 
 def _check_int(name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_limit(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be an int (batches) or a float fraction in [0, 1], got {value!r}")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} as a float is a fraction and must be in [0, 1]; use an int for a batch count")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")

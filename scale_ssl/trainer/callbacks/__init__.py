@@ -1,0 +1,9 @@
+"""Callbacks shipped with the trainer."""
+
+from scale_ssl.trainer.callbacks.early_stopping import EarlyStopping
+from scale_ssl.trainer.callbacks.ema import EMAWeightAveraging
+from scale_ssl.trainer.callbacks.lr_monitor import LearningRateMonitor
+from scale_ssl.trainer.callbacks.model_checkpoint import ModelCheckpoint
+from scale_ssl.trainer.callbacks.swa import StochasticWeightAveraging
+
+__all__ = ["EarlyStopping", "EMAWeightAveraging", "LearningRateMonitor", "ModelCheckpoint", "StochasticWeightAveraging"]

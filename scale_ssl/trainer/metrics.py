@@ -1,0 +1,69 @@
+"""What ``self.log`` records, kept on the device until the trainer fetches it.
+
+Per step the latest value of each name is kept (``on_step``); per epoch a batch-size-weighted
+running sum (``on_epoch``), averaged when the epoch ends. Defaults follow Lightning: in training
+``on_step=True, on_epoch=False``; in validation and test ``on_step=False, on_epoch=True``.
+Nothing here calls ``.item()``: the trainer reduces (``sync_dist``: mean over ranks) and fetches
+values only at logging intervals and epoch ends, when every rank is at the same point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LogOptions:
+    prog_bar: bool = False
+    logger: bool = True
+    on_step: bool = True
+    on_epoch: bool = False
+    sync_dist: bool = False
+
+
+class LoggedMetrics:
+    def __init__(self) -> None:
+        self.step: dict[str, tuple[torch.Tensor, LogOptions]] = {}
+        self.epoch: dict[str, list] = {}  # name -> [weighted sum, total weight, options]
+
+    def add(self, name: str, value: torch.Tensor, options: LogOptions, batch_size: int) -> None:
+        value = value.detach()
+        if options.on_step:
+            self.step[name] = (value, options)
+        if options.on_epoch:
+            weighted = value.float() * batch_size
+            if name in self.epoch:
+                entry = self.epoch[name]
+                entry[0] = entry[0] + weighted
+                entry[1] += batch_size
+            else:
+                self.epoch[name] = [weighted, batch_size, options]
+
+    def pop_step(self) -> dict[str, tuple[torch.Tensor, LogOptions]]:
+        out, self.step = self.step, {}
+        return out
+
+    def pop_epoch(self) -> dict[str, tuple[torch.Tensor, LogOptions]]:
+        out = {name: (total / max(weight, 1), options) for name, (total, weight, options) in self.epoch.items()}
+        self.epoch = {}
+        return out
+
+    def clear(self) -> None:
+        self.step, self.epoch = {}, {}
+
+
+def reduce_and_fetch(values: dict[str, tuple[torch.Tensor, LogOptions]], strategy) -> dict[str, float]:
+    """Mean over ranks for ``sync_dist`` entries (one stacked all-reduce), then host floats."""
+    names = sorted(values)
+    out: dict[str, float] = {}
+    synced = [n for n in names if values[n][1].sync_dist]
+    if synced and strategy.world_size > 1:
+        stacked = torch.stack([values[n][0].float().reshape(-1).mean() for n in synced])
+        for name, value in zip(synced, strategy.reduce(stacked, op="mean").tolist()):
+            out[name] = value
+    for name in names:
+        if name not in out:
+            out[name] = float(values[name][0].float().mean())
+    return out
