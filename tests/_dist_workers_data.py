@@ -82,3 +82,46 @@ def train_one_epoch_on_rank(
         "keys": keys,
         "dropped": stream.samples_dropped_per_epoch,
     }
+
+
+def play_epoch(shard_dir: str, options: dict, epoch: int, skip: int, state: dict | None, out_path: str):
+    """Play one epoch of a fresh ``ShardedImageStream`` (SimCLR views of 28 px images) and save
+    its batches to ``out_path``: what a resumed run does in its own process (``load_state_dict``,
+    ``set_epoch``, ``skip_batches`` in the trainer's order), or, with ``skip=0``, a full epoch."""
+    from scale_ssl.data import FMNIST_MEAN, FMNIST_STD, SimCLRViews
+
+    torch.manual_seed(1234)  # the caller's RNG: must not change the data, nor be changed by it
+    views = SimCLRViews(28, 1, FMNIST_MEAN, FMNIST_STD)
+    stream = ShardedImageStream(shard_dir, transform=views, return_keys=True, **options)
+    if state is not None:
+        stream.load_state_dict(state)
+    stream.set_epoch(epoch)
+    if skip:
+        stream.skip_batches(skip)
+    rng_before = torch.get_rng_state()
+    batches = [((v1, v2), labels, keys) for (v1, v2), labels, keys in stream]
+    torch.save(
+        {
+            "batches": batches,
+            "len": len(stream),
+            "stats": stream.epoch_stats(),
+            "state": stream.state_dict(),
+            "rng_untouched": torch.equal(rng_before, torch.get_rng_state()),
+        },
+        out_path,
+    )
+
+
+def play_epoch_in_new_process(*args) -> dict:
+    """``play_epoch`` in a freshly spawned interpreter (nothing shared with the caller)."""
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out_path = str(Path(scratch) / "epoch.pt")
+        process = multiprocessing.get_context("spawn").Process(target=play_epoch, args=(*args, out_path))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"the resumed process failed with exit code {process.exitcode}")
+        return torch.load(out_path, weights_only=False)

@@ -13,7 +13,15 @@ from scale_ssl.data.shard_writer import (
     make_fashion_mnist_shards,
     write_image_shards,
 )
-from scale_ssl.data.stream import EpochShardPlan, ShardedImageStream, ShardIndexMismatchError
+from scale_ssl.data.shard_source import ShardSourceError, ShardTruncatedError, load_index, resolve_location
+from scale_ssl.data.stream import (
+    DataCorruptionError,
+    EpochShardPlan,
+    ResampledShardPlan,
+    ShardedImageStream,
+    ShardIndexMismatchError,
+)
+from scale_ssl.data.multicrop import MultiCropViews
 from scale_ssl.data.transforms import FMNIST_MEAN, FMNIST_STD, EvalTransform, SimCLRViews
 
 __all__ = [
@@ -27,11 +35,18 @@ __all__ = [
     "SUPPORTED_IMAGE_FORMATS",
     "make_fashion_mnist_shards",
     "write_image_shards",
+    "ShardSourceError",
+    "ShardTruncatedError",
+    "load_index",
+    "resolve_location",
+    "DataCorruptionError",
     "EpochShardPlan",
+    "ResampledShardPlan",
     "ShardedImageStream",
     "ShardIndexMismatchError",
     "FMNIST_MEAN",
     "FMNIST_STD",
     "EvalTransform",
     "SimCLRViews",
+    "MultiCropViews",
 ]

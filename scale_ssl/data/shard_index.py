@@ -125,7 +125,19 @@ class ShardIndex:
         return index
 
     @classmethod
-    def _from_json(cls, raw: Any, path: Path) -> ShardIndex:
+    def from_bytes(cls, raw: bytes, origin: str) -> ShardIndex:
+        """Parse the bytes of a ``shards.json`` fetched from ``origin`` (a URL, named in errors).
+
+        The result has no ``directory``: the caller knows where its shards are.
+        """
+        try:
+            parsed = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"shard index {origin} is not valid JSON: {error}") from None
+        return cls._from_json(parsed, origin)
+
+    @classmethod
+    def _from_json(cls, raw: Any, path: Path | str) -> ShardIndex:
         def malformed(problem: str) -> ValueError:
             return ValueError(
                 f"shard index {path} is malformed: {problem}; re-write it with write_image_shards"

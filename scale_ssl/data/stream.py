@@ -4,34 +4,69 @@ Contract 5 of the design: a rank that runs out of samples while another still tr
 other waiting forever in its next collective. Counting on the shards to split evenly does not
 work: shards differ in size, there may be more readers (ranks × DataLoader workers) than shards,
 and each reader drops its own last partial batch. So the stream plans each epoch from the shard
-index alone, identically on every rank and with no communication:
+index alone, identically on every rank and with no communication. Two modes:
+
+**exact** (``EpochShardPlan``): every sample at most once per epoch.
 
 1. The epoch's shard order is ``random.Random(seed + epoch).shuffle`` of the index order (the
    same on every rank).
 2. Shard ``i`` of that order goes to rank ``i % world_size``; a rank's ``j``-th shard goes to its
-   DataLoader worker ``j % num_workers``. Reader (r, w) therefore holds a known n_{r,w} samples
-   and can make floor(n_{r,w} / batch_size) full batches.
+   reader (DataLoader worker) ``j % num_workers``. Reader (r, w) therefore holds a known n_{r,w}
+   samples and can make floor(n_{r,w} / batch_size) full batches.
 3. ``steps_per_epoch = min over ranks r of sum over workers w of floor(n_{r,w} / batch_size)``.
-   Each rank splits exactly that many batches among its workers (round-robin over the workers
-   that can still make one), each worker stops at its share, and the rank yields exactly
-   ``steps_per_epoch`` batches.
+   Each rank deals exactly that many batches to its workers, one at a time round-robin over the
+   workers that can still make one, and yields exactly ``steps_per_epoch`` batches.
 
-Every sample is read by at most one reader per epoch (shards are disjoint across readers), and
-``samples_dropped_per_epoch = num_samples - steps_per_epoch * batch_size * world_size`` samples
-are skipped that epoch; which ones changes with the epoch's shuffle. With shards of unequal
-sizes both numbers can change from one epoch to the next, so read them after ``set_epoch``.
+   ``samples_dropped_per_epoch = num_samples - steps_per_epoch * batch_size * world_size``
+   samples are not read that epoch (which ones changes with the shuffle). More readers than
+   shards is allowed: a reader without a shard gets no batches; only when some rank cannot make
+   one full batch is there an error, which says what to change.
 
-The plan is exact only if the shards hold what the index says: a worker checks the length of
-every shard it reads to the end and raises ``ShardIndexMismatchError`` naming the shard, so a
-stale index fails loudly on one rank instead of leaving the others hanging.
+**resampled** (``ResampledShardPlan``): each reader draws shards with replacement (probability
+proportional to their sample counts) from its own seeded generator, forever, like webdataset's
+``ResampledShards``; a nominal epoch is cut at ``num_samples // (batch_size * world_size)`` steps on
+every rank (webdataset's ``with_epoch``). Samples can repeat within an epoch; ranks never run dry.
+
+**Order, augmentation and resume.** Within a reader, samples pass a shuffle buffer seeded by
+(seed, epoch, rank, worker). Because that shuffle only depends on sample *counts*, the reader
+computes its whole epoch order as positions ``(shard draw, member index)`` from the index, before
+reading a byte; batch ``j`` of a reader is positions ``[j*B, (j+1)*B)`` of that order. Each
+sample's augmentation runs under the global torch / ``random`` RNGs seeded from (seed, epoch,
+rank, worker, position) (saved and restored around the call, so the main process's RNG is left
+as it was with ``num_workers=0``). A batch is therefore a pure function of (seed, epoch, rank,
+worker, j) and the bytes on disk. ``skip_batches(n)`` (mid-epoch resume) works out which of the
+rank's batches the first ``n`` were (the DataLoader takes them round-robin over the workers) and
+each reader starts after its own: positions already consumed are not decoded, shards whose every
+sample was consumed are not even opened, and a shard that was half consumed is read from its
+start and its consumed samples thrown away undecoded (``resume_samples_reread``). Resume is
+therefore exact to the sample: the remaining batches are bitwise those of an uninterrupted run
+and no sample is seen twice, provided world size, workers, batch size, mode and shuffle buffer
+are unchanged (otherwise the rest of the epoch is played under the new plan; see
+``skip_batches``).
+
+**Corrupt data.** A sample that fails to decode, or that is missing because its shard is
+truncated or shorter than the index says, leaves its slot in the batch empty; the slot is
+filled with a copy of another sample of the same batch (augmented with the slot's own seed), so
+batch shapes, step counts and resume positions do not depend on decoding. Every such sample is
+counted (``epoch_stats()``); once a rank's count in an epoch exceeds ``max_corrupt_fraction`` of
+the samples it reads that epoch, it raises ``DataCorruptionError`` naming the shards. A batch
+whose every sample is unusable is an error whatever the fraction. A shard holding *more*
+samples than the index lists raises ``ShardIndexMismatchError`` (the index is stale).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import io
+import itertools
+import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -39,22 +74,43 @@ import PIL.Image
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from torch.utils.data import DataLoader, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from scale_ssl.data.shard_index import ShardIndex
+from scale_ssl.data.shard_source import (
+    ShardTruncatedError,
+    iter_shard_samples,
+    load_index,
+    resolve_location,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = ("exact", "resampled")
+# Members webdataset writers use for images; the index's image_key is tried first.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+# How many unusable samples a DataCorruptionError lists by name.
+_EXAMPLES_IN_ERRORS = 5
 
 
 class ShardIndexMismatchError(RuntimeError):
-    """A shard on disk does not hold the samples its index promises, so the epoch plan is void."""
+    """A shard does not hold the samples its index promises, so the epoch plan is void."""
+
+
+class DataCorruptionError(RuntimeError):
+    """More samples than ``max_corrupt_fraction`` allows could not be decoded or read."""
 
 
 class EpochShardPlan:
-    """Which shards every reader (rank, worker) reads in one epoch, and how many batches each yields.
+    """Exact mode: which shards every reader (rank, worker) reads in one epoch, and how many
+    batches each yields.
 
     Pure arithmetic on the index's shard sizes: every rank builds the same plan for every rank.
     ``num_workers`` counts readers per rank, so a DataLoader with ``num_workers=0`` (reading in
     the main process) is one reader.
     """
+
+    mode = "exact"
 
     def __init__(
         self,
@@ -84,6 +140,10 @@ class EpochShardPlan:
 
     def worker_shards(self, rank: int, worker: int) -> list[int]:
         return self.rank_shards(rank)[worker :: self.num_workers]
+
+    def reader_shards(self, rank: int, worker: int) -> Iterable[int]:
+        """The shards reader (rank, worker) reads, in order (the common interface of the plans)."""
+        return self.worker_shards(rank, worker)
 
     def samples(self, rank: int, worker: int) -> int:
         return sum(self.shard_sizes[shard] for shard in self.worker_shards(rank, worker))
@@ -115,30 +175,97 @@ class EpochShardPlan:
         return sum(self.shard_sizes) - self.steps_per_epoch * self.batch_size * self.world_size
 
 
+class ResampledShardPlan:
+    """Resampled mode: every reader draws shards with replacement, forever, from a generator
+    seeded by (seed, epoch, rank, worker); an epoch is ``num_samples // (batch_size * world_size)``
+    steps on every rank, dealt evenly over the workers.
+
+    A shard is drawn with probability proportional to its sample count, so every sample is
+    equally likely however uneven the shards are.
+    """
+
+    mode = "resampled"
+
+    def __init__(
+        self,
+        shard_sizes: Sequence[int],
+        *,
+        epoch: int,
+        seed: int,
+        world_size: int,
+        num_workers: int,
+        batch_size: int,
+    ):
+        self.shard_sizes = list(shard_sizes)
+        self.epoch, self.seed = epoch, seed
+        self.world_size, self.num_workers, self.batch_size = world_size, num_workers, batch_size
+        self.steps_per_epoch = sum(self.shard_sizes) // (batch_size * world_size)
+        self._cumulative = list(itertools.accumulate(self.shard_sizes))
+
+    def reader_shards(self, rank: int, worker: int) -> Iterator[int]:
+        rng = random.Random(f"scale_ssl.resample:{self.seed}:{self.epoch}:{rank}:{worker}")
+        total = self._cumulative[-1]
+        while True:
+            yield bisect.bisect_right(self._cumulative, rng.randrange(total))
+
+    def batch_quotas(self, rank: int) -> list[int]:
+        share, extra = divmod(self.steps_per_epoch, self.num_workers)
+        return [share + (worker < extra) for worker in range(self.num_workers)]
+
+    @property
+    def samples_dropped(self) -> int:
+        """Samples a nominal epoch is short of one pass (not which samples: draws repeat some)."""
+        return sum(self.shard_sizes) - self.steps_per_epoch * self.batch_size * self.world_size
+
+
+def batch_order(quotas: Sequence[int]) -> list[tuple[int, int]]:
+    """The order in which a rank yields its workers' batches: ``(worker, j)`` round-robin over
+    the workers that still have batches (the order a DataLoader takes them in)."""
+    order, made = [], [0] * len(quotas)
+    while len(order) < sum(quotas):
+        for worker, quota in enumerate(quotas):
+            if made[worker] < quota:
+                order.append((worker, made[worker]))
+                made[worker] += 1
+    return order
+
+
 class ShardedImageStream:
     """Streams ``(transform(image), label)`` batches from webdataset shards, equal steps per rank.
 
     Args:
-        source: a shard directory, its ``shards.json``, or a loaded ``ShardIndex``.
+        source: a shard directory or its ``shards.json``, a remote location (``http(s)://``,
+            ``s3://``, ``gs://``, ``pipe:...{name}...``; see ``shard_source``), or a loaded local
+            ``ShardIndex``.
         batch_size: samples per batch on this rank (the per-device batch, not the global one).
         transform: called on each decoded PIL image. A tuple result (e.g. ``SimCLRViews``) is
             collated into a tuple of stacked views: batches are ``((view1, view2), labels)``;
             a tensor result gives ``(images, labels)``. Must be picklable when ``num_workers > 0``.
+            Its randomness must come from torch's or Python's global RNG (torchvision's does),
+            which the stream seeds per sample.
+        mode: ``"exact"`` (each sample at most once per epoch) or ``"resampled"``; see the
+            module docstring.
         rank, world_size: this process's place; both default to the initialised
             ``torch.distributed`` group, or 0 and 1 without one.
         num_workers: DataLoader worker processes on this rank; must be the same on every rank.
-        seed: the shard order of epoch ``e`` is a shuffle by ``seed + e``; sample shuffling is
-            seeded by (seed, epoch, rank, worker), so an epoch replays exactly.
-        shuffle_shards: False keeps the index's shard order every epoch.
+        seed: the shard order of epoch ``e`` is a shuffle by ``seed + e``; sample order and
+            augmentations are seeded by (seed, epoch, rank, worker, position).
+        shuffle_shards: False keeps the index's shard order every epoch (exact mode).
         shuffle_buffer: samples held per worker to shuffle within; 0 or 1 turns shuffling off.
         drop_last: must be True: partial batches would give ranks unequal steps.
+        max_corrupt_fraction: the share of a rank's samples in an epoch that may be unusable
+            (undecodable, or missing from a truncated shard) before ``DataCorruptionError``.
+        retries, retry_delay, io_timeout: for remote shards: attempts after the first, the first
+            back-off in seconds (doubling), and the seconds a read may stall.
         return_keys: also yield each batch's sample keys (``(images, labels, keys)``), for
             checking coverage and debugging.
         pin_memory, multiprocessing_context: passed to the DataLoader (the context defaults to
             the process's start method; every stage of the pipeline pickles, so "spawn" works).
 
     Call ``set_epoch(epoch)`` before iterating each epoch, as with ``DistributedSampler``.
-    One ``iter(stream)`` yields exactly ``len(stream) == steps_per_epoch`` batches on every rank.
+    One ``iter(stream)`` yields exactly ``len(stream) == steps_per_epoch`` batches on every rank,
+    or ``len(stream) - n`` after ``skip_batches(n)``. ``epoch_stats()`` returns this rank's counts
+    for the epoch (dropped, corrupt, missing, padded, resume figures) for the logs.
     """
 
     def __init__(
@@ -147,6 +274,7 @@ class ShardedImageStream:
         batch_size: int,
         transform: Callable[[PIL.Image.Image], Any],
         *,
+        mode: str = "exact",
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
@@ -154,16 +282,30 @@ class ShardedImageStream:
         shuffle_shards: bool = True,
         shuffle_buffer: int = 1000,
         drop_last: bool = True,
+        max_corrupt_fraction: float = 0.001,
+        retries: int = 3,
+        retry_delay: float = 1.0,
+        io_timeout: float = 60.0,
         return_keys: bool = False,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
     ):
-        self.index = source if isinstance(source, ShardIndex) else ShardIndex.load(source)
-        self.urls = self.index.urls()
         _check_count("batch_size", batch_size, minimum=1)
         _check_count("num_workers", num_workers, minimum=0)
         _check_count("shuffle_buffer", shuffle_buffer, minimum=0)
         _check_count("seed", seed, minimum=0)
+        _check_count("retries", retries, minimum=0)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(max_corrupt_fraction, bool) or not (
+            isinstance(max_corrupt_fraction, (int, float)) and 0 <= max_corrupt_fraction <= 1
+        ):
+            raise ValueError(
+                f"max_corrupt_fraction must be a number in [0, 1] (0.001 = 0.1%), got {max_corrupt_fraction!r}"
+            )
+        for name, value in (("retry_delay", retry_delay), ("io_timeout", io_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         if not callable(transform):
             raise TypeError(f"transform must be callable on a PIL image, got {transform!r}")
         if drop_last is not True:
@@ -172,33 +314,53 @@ class ShardedImageStream:
                 "give ranks unequal step counts (design contract 5); the dropped samples are "
                 "reported by samples_dropped_per_epoch and change every epoch"
             )
+        if isinstance(source, ShardIndex):
+            self.index, self.urls = source, source.urls()
+            self.location = str(source.directory)
+        else:
+            location = resolve_location(source)
+            self.index, self.urls = load_index(
+                location, retries=retries, retry_delay=retry_delay, timeout=io_timeout
+            )
+            self.location = location.describe()
         self.rank, self.world_size = _resolve_place(rank, world_size)
+        self.mode = mode
         self.batch_size = batch_size
         self.transform = transform
         self.num_workers = num_workers
         self.seed = seed
         self.shuffle_shards = shuffle_shards
         self.shuffle_buffer = shuffle_buffer
+        self.max_corrupt_fraction = float(max_corrupt_fraction)
+        self.io_options = {"retries": retries, "retry_delay": float(retry_delay), "timeout": float(io_timeout)}
         self.return_keys = return_keys
         self.pin_memory = pin_memory
         self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+        self._loaded_state: dict | None = None
         self.set_epoch(0)
 
+    # -- epoch plan --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch the next ``iter(stream)`` plays; recomputes the plan for it."""
+        """Choose the epoch the next ``iter(stream)`` plays from its start; recomputes the plan."""
         _check_count("epoch", epoch, minimum=0)
-        plan = EpochShardPlan(
-            [shard.num_samples for shard in self.index.shards],
+        sizes = [shard.num_samples for shard in self.index.shards]
+        common = dict(
             epoch=epoch,
             seed=self.seed,
             world_size=self.world_size,
             num_workers=max(1, self.num_workers),
             batch_size=self.batch_size,
-            shuffle_shards=self.shuffle_shards,
         )
+        if self.mode == "exact":
+            plan = EpochShardPlan(sizes, shuffle_shards=self.shuffle_shards, **common)
+        else:
+            plan = ResampledShardPlan(sizes, **common)
         if plan.steps_per_epoch == 0:
             raise ValueError(self._too_few_samples_message(plan))
         self.epoch, self.plan = epoch, plan
+        self._skip = 0
+        self._resume_exact = True
+        self._stats = self._fresh_stats(resumed_at=0)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -207,7 +369,7 @@ class ShardedImageStream:
 
     @property
     def samples_dropped_per_epoch(self) -> int:
-        """Samples no rank sees in the current epoch:
+        """Samples no rank sees in the current epoch (exact mode; a nominal count when resampled):
         ``num_samples - steps_per_epoch * batch_size * world_size``."""
         return self.plan.samples_dropped
 
@@ -219,27 +381,163 @@ class ShardedImageStream:
     def __len__(self) -> int:
         return self.plan.steps_per_epoch
 
+    # -- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What the epoch plan depends on; the trainer stores the batch position beside it."""
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "mode": self.mode,
+            "world_size": self.world_size,
+            "num_workers": max(1, self.num_workers),
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle_shards": self.shuffle_shards,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(
+                f"the checkpoint's stream seed is {state.get('seed')!r} but this stream's is "
+                f"{self.seed}; resuming with another seed would not replay the same data: "
+                f"construct the stream with seed={state.get('seed')!r}"
+            )
+        self.set_epoch(state["epoch"])
+        self._loaded_state = dict(state)
+
+    def skip_batches(self, n: int) -> None:
+        """Make the next ``iter(stream)`` start after the first ``n`` batches of this epoch.
+
+        Call after ``set_epoch`` (the trainer does, with the batches it had consumed when it
+        checkpointed). The iteration then yields ``len(stream) - n`` batches: exactly the ones an
+        uninterrupted epoch would have yielded after its ``n``-th (see the module docstring).
+
+        If the checkpoint's plan differs from this stream's (another world size, worker count,
+        batch size, mode, shuffle buffer or data set size), the consumed batches cannot be mapped
+        onto the new plan: the epoch continues with the new plan's batches ``n..`` (equal steps
+        still hold), a warning says so, and up to ``n * batch_size`` samples of this rank may be
+        seen twice this epoch (``epoch_stats()["samples_reseen_after_resume"]`` is that bound).
+        """
+        _check_count("n", n, minimum=0)
+        if n > self.steps_per_epoch:
+            raise ValueError(
+                f"skip_batches({n}) is more than the {self.steps_per_epoch} batches of epoch "
+                f"{self.epoch} on this rank: the checkpoint belongs to another data set or plan"
+            )
+        changed = self._plan_changes()
+        self._skip = n
+        self._resume_exact = not changed
+        self._stats = self._fresh_stats(resumed_at=n)
+        if changed and n:
+            self._stats["samples_reseen_after_resume"] = n * self.batch_size
+            warnings.warn(
+                f"resuming epoch {self.epoch} at batch {n} with a different data plan "
+                f"({', '.join(changed)}): the rest of the epoch follows the new plan, so up to "
+                f"{n * self.batch_size} samples of rank {self.rank} may be seen twice this epoch",
+                stacklevel=2,
+            )
+
+    def _plan_changes(self) -> list[str]:
+        if self._loaded_state is None or self._loaded_state.get("epoch") != self.epoch:
+            return []
+        current = self.state_dict()
+        return [
+            f"{key} {self._loaded_state[key]!r} -> {current[key]!r}"
+            for key in ("mode", "world_size", "num_workers", "batch_size", "shuffle_buffer",
+                        "shuffle_shards", "num_samples")
+            if key in self._loaded_state and self._loaded_state[key] != current[key]
+        ]
+
+    # -- statistics -------------------------------------------------------------------------------
+    def epoch_stats(self) -> dict[str, Any]:
+        """This rank's figures for the current epoch, for the progress bar and the run's metrics.
+
+        ``samples_dropped`` (all ranks, by the plan), ``corrupt_skipped`` (samples that failed to
+        decode), ``samples_missing`` (listed by the index but absent: truncated or short shards),
+        ``samples_padded`` (batch slots filled with a copy because of the two before),
+        ``resumed_at_batch``, ``resume_samples_reread`` (consumed samples read again, undecoded,
+        to reach the resume point), ``samples_reseen_after_resume`` (0 when the resume was exact,
+        else a bound), ``resume_exact``. Counts cover the batches yielded so far.
+        """
+        stats = {key: value for key, value in self._stats.items() if key not in ("bad_by_shard", "examples")}
+        stats["resume_exact"] = self._resume_exact
+        return stats
+
+    def _fresh_stats(self, resumed_at: int) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "samples_dropped": self.plan.samples_dropped,
+            "corrupt_skipped": 0,
+            "samples_missing": 0,
+            "samples_padded": 0,
+            "resumed_at_batch": resumed_at,
+            "resume_samples_reread": 0,
+            "samples_reseen_after_resume": 0,
+            "bad_by_shard": Counter(),
+            "examples": [],
+        }
+
+    @property
+    def corrupt_budget(self) -> int:
+        """Unusable samples this rank tolerates in one epoch (``max_corrupt_fraction`` of its share)."""
+        return int(self.max_corrupt_fraction * self.steps_per_epoch * self.batch_size)
+
+    # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple]:
+        skip, self._skip = self._skip, 0
+        order = batch_order(self.plan.batch_quotas(self.rank))
+        start_batches = [0] * self.plan.num_workers
+        for worker, _ in order[:skip]:
+            start_batches[worker] += 1
+        remaining = order[skip:]
+        if not remaining:
+            return
+        reader = _EpochReader(
+            plan=self.plan,
+            rank=self.rank,
+            urls=self.urls,
+            image_key=self.index.image_key,
+            transform=self.transform,
+            shuffle_buffer=self.shuffle_buffer,
+            return_keys=self.return_keys,
+            start_batches=start_batches,
+            # The DataLoader serves its workers round-robin from worker 0: rotating which worker
+            # plays which reader makes its natural order the plan's order after the skip.
+            rotation=remaining[0][0],
+            corrupt_policy=(self.max_corrupt_fraction, self.steps_per_epoch * self.batch_size, self.corrupt_budget),
+            io_options=self.io_options,
+        )
         loader = DataLoader(
-            self._epoch_pipeline(),
-            batch_size=None,  # workers batch, so each yields only full batches of its own shards
+            reader,
+            batch_size=None,  # readers batch, so each yields only full batches of its own shards
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=self.pin_memory,
             multiprocessing_context=self.multiprocessing_context,
+            # Its own generator: the DataLoader draws its workers' base seed from it, and drawing
+            # from the global RNG would make a resumed run's RNG diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
         )
         batches = iter(loader)
+        pending: dict[tuple[int, int], tuple] = {}
+        reader_stats: dict[int, dict] = {}
         try:
-            for step in range(self.steps_per_epoch):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise ShardIndexMismatchError(
-                        f"rank {self.rank} got only {step} of its {self.steps_per_epoch} planned "
-                        f"batches in epoch {self.epoch}; the shards in {self.index.directory} "
-                        f"hold fewer samples than shards.json says"
-                    ) from None
-                yield batch
+            for expected in remaining:
+                # The plan's order is guaranteed here, whatever order the DataLoader delivers in.
+                while expected not in pending:
+                    try:
+                        batch, meta = next(batches)
+                    except StopIteration:
+                        raise ShardIndexMismatchError(
+                            f"rank {self.rank} is missing batch {expected[1]} of worker "
+                            f"{expected[0]} in epoch {self.epoch}; the shards of {self.location} "
+                            f"hold fewer samples than shards.json says"
+                        ) from None
+                    pending[(meta["worker"], meta["batch"])] = batch
+                    self._account(meta, reader_stats)
+                yield pending.pop(expected)
         finally:
             # Stop the workers now, also when the caller stops early or a worker failed. Left to
             # garbage collection, a worker's exception (which torch keeps in a reference cycle
@@ -248,39 +546,31 @@ class ShardedImageStream:
             if stop_workers is not None:
                 stop_workers()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed") != self.seed:
-            raise ValueError(
-                f"the checkpoint's stream seed is {state.get('seed')!r} but this stream's is "
-                f"{self.seed}; resuming with another seed would not replay the same data: "
-                f"construct the stream with seed={state.get('seed')!r}"
+    def _account(self, meta: dict, reader_stats: dict[int, dict]) -> None:
+        reader_stats[meta["worker"]] = meta["stats"]
+        for key in ("corrupt_skipped", "samples_missing", "samples_padded", "resume_samples_reread"):
+            self._stats[key] = sum(stats[key] for stats in reader_stats.values())
+        for url, key, reason in meta["bad"]:
+            self._stats["bad_by_shard"][url] += 1
+            log.warning("rank %d epoch %d: skipped sample %s of %s: %s", self.rank, self.epoch, key, url, reason)
+        self._stats["examples"] = (self._stats["examples"] + meta["bad"])[:_EXAMPLES_IN_ERRORS]
+        bad = self._stats["corrupt_skipped"] + self._stats["samples_missing"]
+        if bad > self.corrupt_budget:
+            raise DataCorruptionError(
+                _corruption_message(
+                    f"rank {self.rank}", self.epoch, bad, self._stats["corrupt_skipped"], self._stats["samples_missing"],
+                    self.max_corrupt_fraction, self.steps_per_epoch * self.batch_size, self.corrupt_budget,
+                    self._stats["bad_by_shard"], self._stats["examples"],
+                )
             )
-        self.set_epoch(state["epoch"])
 
-    def _epoch_pipeline(self) -> wds.WebDataset:
-        plan, rank = self.plan, self.rank
-        expected_samples = {url: shard.num_samples for url, shard in zip(self.urls, self.index.shards)}
-        return (
-            wds.WebDataset(
-                self.urls,
-                nodesplitter=_RankShardSplitter(plan, rank),
-                workersplitter=_WorkerShardSplitter(plan),
-                shardshuffle=False,  # the shard order is the plan's, identical on every rank
-                empty_check=False,  # a worker left without shards is planned for, not an error
+    def _too_few_samples_message(self, plan) -> str:
+        if isinstance(plan, ResampledShardPlan):
+            return (
+                f"not one full batch per rank: {self.index.num_samples} samples with "
+                f"batch_size={self.batch_size} per rank and world_size={self.world_size} make "
+                f"{plan.steps_per_epoch} steps per epoch; lower batch_size"
             )
-            .compose(_ShardLengthCheck(expected_samples, self.index.directory))
-            .compose(
-                _SeededSampleShuffle(self.shuffle_buffer, f"{self.seed}:{plan.epoch}:{rank}")
-            )
-            .map(_SampleDecoder(self.index.image_key, self.transform, self.return_keys))
-            .batched(self.batch_size, collation_fn=collate_samples, partial=False)
-            .compose(_PlannedBatchCount(plan, rank, self.urls))
-        )
-
-    def _too_few_samples_message(self, plan: EpochShardPlan) -> str:
         poorest = min(
             range(self.world_size),
             key=lambda r: sum(plan.full_batches(r, w) for w in range(plan.num_workers)),
@@ -291,9 +581,21 @@ class ShardedImageStream:
             f"world_size={self.world_size}, num_workers={self.num_workers}; in epoch {plan.epoch} "
             f"rank {poorest} gets {len(plan.rank_shards(poorest))} shard(s) with "
             f"{plan.rank_samples(poorest)} samples and no worker of it has batch_size of them. "
-            f"Lower batch_size or num_workers, or write more, smaller shards "
-            f"(at least world_size x max(1, num_workers) of them)"
+            f"Lower batch_size or num_workers, write more, smaller shards (at least world_size x "
+            f"max(1, num_workers) of them), or use mode='resampled'"
         )
+
+
+def _corruption_message(who, epoch, bad, corrupt, missing, fraction, samples, budget, by_shard, examples) -> str:
+    shards = ", ".join(f"{url} ({count})" for url, count in by_shard.most_common(10))
+    first = "; ".join(f"{key} in {url}: {reason}" for url, key, reason in examples)
+    return (
+        f"{who}, epoch {epoch}: {bad} samples were unusable ({corrupt} failed to decode, "
+        f"{missing} missing from truncated or short shards), more than max_corrupt_fraction="
+        f"{fraction:g} of the rank's {samples} samples this epoch allows ({budget}). Shards: "
+        f"{shards}. First problems: {first}. Repair or re-write these shards, or raise "
+        f"data.max_corrupt_fraction if the loss is acceptable"
+    )
 
 
 def collate_samples(samples: list[tuple]) -> tuple:
@@ -315,124 +617,224 @@ def _stack(items: Sequence[Any]) -> Any:
     return default_collate(list(items))
 
 
-def _current_worker(plan: EpochShardPlan) -> int:
+def _current_worker(num_workers: int) -> int:
     info = get_worker_info()
     if info is None:
         return 0
-    if info.num_workers != plan.num_workers:
+    if info.num_workers != num_workers:
         raise RuntimeError(
-            f"the stream was planned for {plan.num_workers} workers but runs in a DataLoader with "
+            f"the stream was planned for {num_workers} workers but runs in a DataLoader with "
             f"{info.num_workers}; iterate ShardedImageStream itself rather than wrapping it"
         )
     return info.id
 
 
-class _RankShardSplitter:
-    """webdataset ``nodesplitter``: the shards of this rank, in this epoch's planned order."""
-
-    def __init__(self, plan: EpochShardPlan, rank: int):
-        self.plan, self.rank = plan, rank
-
-    def __call__(self, shard_list: Iterator[dict]) -> Iterator[dict]:
-        in_index_order = list(shard_list)
-        for position in self.plan.rank_shards(self.rank):
-            yield in_index_order[position]
+def _stable_seed(*parts: Any) -> int:
+    # A string hashed the same in every process (unlike hash() of a tuple), folded to 63 bits.
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
-class _WorkerShardSplitter:
-    """webdataset ``workersplitter``: every ``num_workers``-th shard of the rank's list."""
-
-    def __init__(self, plan: EpochShardPlan):
-        self.plan = plan
-
-    def __call__(self, rank_shards: Iterator[dict]) -> Iterator[dict]:
-        yield from islice(rank_shards, _current_worker(self.plan), None, self.plan.num_workers)
-
-
-class _ShardLengthCheck:
-    """Raises as soon as a shard read to its end held another count than the index lists."""
-
-    def __init__(self, expected_samples: dict[str, int], index_dir):
-        self.expected_samples, self.index_dir = expected_samples, index_dir
-
-    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
-        url, count = None, 0
-        for sample in samples:
-            if sample["__url__"] != url:
-                self._check(url, count)
-                url, count = sample["__url__"], 0
-            count += 1
-            yield sample
-        self._check(url, count)
-
-    def _check(self, url: str | None, count: int) -> None:
-        if url is not None and count != self.expected_samples[url]:
-            raise ShardIndexMismatchError(
-                f"shard {url} holds {count} samples but {self.index_dir}/shards.json lists "
-                f"{self.expected_samples[url]}; the shard is truncated or the index is stale: "
-                f"re-write the shards"
-            )
+@contextmanager
+def _seeded_global_rng(seed: int):
+    """Run a transform under torch's and Python's global RNGs seeded with ``seed``, then put both
+    back: the caller's RNG (the training process's, when ``num_workers=0``) is left untouched.
+    Only the CPU generator is touched (torchvision's transforms draw from it)."""
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
 
 
-class _SeededSampleShuffle:
-    """Shuffles samples in a buffer whose seed is fixed by (seed, epoch, rank, worker)."""
+class _Unusable:
+    """A batch slot whose sample could not be used, and why."""
 
-    def __init__(self, buffer_size: int, seed_prefix: str):
-        self.buffer_size, self.seed_prefix = buffer_size, seed_prefix
-
-    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
-        if self.buffer_size <= 1:
-            yield from samples
-            return
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        # A string seed hashes the same in every process (unlike hash() of a tuple).
-        rng = random.Random(f"scale_ssl.sample_shuffle:{self.seed_prefix}:{worker}")
-        # initial=buffer_size: fill the whole buffer first, so the first batch is shuffled too.
-        shuffle = wds.filters.shuffle(self.buffer_size, initial=self.buffer_size, rng=rng)
-        yield from shuffle(samples)
+    def __init__(self, url: str, key: str, reason: str, missing: bool):
+        self.url, self.key, self.reason, self.missing = url, key, reason, missing
 
 
-class _SampleDecoder:
-    """Raw sample dict -> ``(transform(PIL image), label[, key])``."""
+class _ShardCursor:
+    """Reads one reader's shards in their planned order, on demand, and hands out samples by
+    position ``(draw, member)``.
 
-    def __init__(self, image_key: str, transform: Callable, return_keys: bool):
-        self.image_key, self.transform, self.return_keys = image_key, transform, return_keys
+    Samples read before they are asked for wait in ``stash`` (at most about the shuffle buffer);
+    positions in ``consumed`` (before a resume point) are dropped unread where a whole shard
+    allows, else read and thrown away undecoded.
+    """
 
-    def __call__(self, sample: dict) -> tuple:
+    def __init__(self, draws: Iterable[int], sizes, urls, consumed: set, io_options: dict):
+        self.draws = enumerate(draws)
+        self.sizes, self.urls, self.consumed, self.io_options = sizes, urls, consumed, io_options
+        self.consumed_per_draw = Counter(draw for draw, _ in consumed)
+        self.stash: dict[tuple[int, int], tuple[str, dict, str]] = {}
+        self.ended: dict[int, tuple[int, str]] = {}  # draw -> (samples delivered, why it ended)
+        self.draw, self.shard, self.samples, self.member = -1, -1, None, 0
+        self.reread = 0
+
+    def get(self, token: tuple[int, int]) -> tuple[str, dict, str] | _Unusable:
+        draw, member = token
+        while token not in self.stash and draw >= self.draw:
+            if draw in self.ended:
+                break
+            if self.samples is None or self.draw < draw:
+                self._finish_current()
+                self._open_next()
+                continue
+            self._read_one()
+        if token in self.stash:
+            return self.stash.pop(token)
+        delivered, why = self.ended.get(draw, (0, "never read"))
+        shard = self._shard_of.get(draw, -1)
+        url = self.urls[shard] if shard >= 0 else "?"
+        return _Unusable(url, f"sample #{member}", f"missing: {why}", missing=True)
+
+    @property
+    def _shard_of(self) -> dict[int, int]:
+        return self.__dict__.setdefault("_draw_shards", {})
+
+    def _open_next(self) -> None:
+        while True:
+            self.draw, self.shard = next(self.draws)
+            self._shard_of[self.draw] = self.shard
+            if self.consumed_per_draw[self.draw] < self.sizes[self.shard]:
+                break  # a shard every sample of which was consumed is not opened at all
+        self.samples = iter_shard_samples(self.urls[self.shard], **self.io_options)
+        self.member = 0
+
+    def _read_one(self) -> None:
+        url, size = self.urls[self.shard], self.sizes[self.shard]
         try:
-            encoded, label = sample[self.image_key], int(sample["cls"])
-        except (KeyError, ValueError):
-            raise ValueError(
-                f"sample {sample['__key__']} in {sample['__url__']} needs a {self.image_key!r} "
-                f"image and an integer 'cls' label, it has members {sorted(sample)}"
-            ) from None
-        image = PIL.Image.open(io.BytesIO(encoded))
-        image.load()
-        output = self.transform(image)
-        return (output, label, sample["__key__"]) if self.return_keys else (output, label)
-
-
-class _PlannedBatchCount:
-    """Lets a worker yield exactly its planned share of the rank's batches, then stop."""
-
-    def __init__(self, plan: EpochShardPlan, rank: int, urls: Sequence[str]):
-        self.plan, self.rank, self.urls = plan, rank, list(urls)
-
-    def __call__(self, batches: Iterator[tuple]) -> Iterator[tuple]:
-        worker = _current_worker(self.plan)
-        quota = self.plan.batch_quotas(self.rank)[worker]
-        made = 0
-        for batch in islice(batches, quota):
-            made += 1
-            yield batch
-        if made < quota:
-            shards = [self.urls[i] for i in self.plan.worker_shards(self.rank, worker)]
-            raise ShardIndexMismatchError(
-                f"rank {self.rank} worker {worker} made {made} of its {quota} planned batches "
-                f"from shards {shards}: they hold fewer usable samples than the index lists; "
-                f"re-write the shards"
+            key, members = next(self.samples)
+        except StopIteration:
+            self._end(
+                f"the shard ended after {self.member} of the {size} samples its index lists "
+                f"(a truncated tar, or a stale shards.json)"
             )
+            return
+        except ShardTruncatedError as error:
+            self._end(f"{error.reason}; the index lists {size}")
+            return
+        if self.member >= size:
+            raise ShardIndexMismatchError(
+                f"shard {url} holds more than the {size} samples its shards.json lists; the index "
+                f"is stale: re-write the shards"
+            )
+        token = (self.draw, self.member)
+        self.member += 1
+        if token in self.consumed:
+            self.reread += 1
+        else:
+            self.stash[token] = (key, members, url)
+
+    def _end(self, why: str) -> None:
+        self.ended[self.draw] = (self.member, why)
+        self.samples = None
+
+    def _finish_current(self) -> None:
+        """Read the rest of the current shard into the stash (its samples will be asked for)."""
+        while self.samples is not None:
+            self._read_one()
+
+
+class _EpochReader(IterableDataset):
+    """One epoch of one rank, as seen by one DataLoader worker (or the main process): yields
+    ``(batch, meta)`` for the worker's share of the rank's batches."""
+
+    def __init__(self, *, plan, rank, urls, image_key, transform, shuffle_buffer, return_keys,
+                 start_batches, rotation, corrupt_policy, io_options):
+        self.plan, self.rank, self.urls, self.image_key = plan, rank, list(urls), image_key
+        self.transform, self.shuffle_buffer, self.return_keys = transform, shuffle_buffer, return_keys
+        self.start_batches, self.rotation = list(start_batches), rotation
+        self.corrupt_policy, self.io_options = corrupt_policy, io_options
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        plan, batch_size = self.plan, self.plan.batch_size
+        worker = (_current_worker(plan.num_workers) + self.rotation) % plan.num_workers
+        quota = plan.batch_quotas(self.rank)[worker]
+        start = self.start_batches[worker]
+        if start >= quota:
+            return
+        order = self._sample_order(worker)
+        consumed = set(islice(order, start * batch_size))
+        cursor = _ShardCursor(plan.reader_shards(self.rank, worker), plan.shard_sizes, self.urls,
+                              consumed, self.io_options)
+        augment_seed = _stable_seed("scale_ssl.augment", plan.seed, plan.epoch, self.rank, worker)
+        stats = {"corrupt_skipped": 0, "samples_missing": 0, "samples_padded": 0, "resume_samples_reread": 0}
+        bad_by_shard, examples = Counter(), []
+        fraction, rank_samples, budget = self.corrupt_policy
+        for j in range(start, quota):
+            slots = [self._decode(cursor.get(token)) for token in islice(order, batch_size)]
+            unusable = [slot for slot in slots if isinstance(slot, _Unusable)]
+            usable = [slot for slot in slots if not isinstance(slot, _Unusable)]
+            stats["corrupt_skipped"] += sum(not slot.missing for slot in unusable)
+            stats["samples_missing"] += sum(slot.missing for slot in unusable)
+            stats["samples_padded"] += len(unusable)
+            stats["resume_samples_reread"] = cursor.reread
+            bad = [(slot.url, slot.key, slot.reason) for slot in unusable]
+            bad_by_shard.update(url for url, _, _ in bad)
+            examples = (examples + bad)[:_EXAMPLES_IN_ERRORS]
+            if not usable:
+                raise DataCorruptionError(
+                    f"rank {self.rank} worker {worker}, epoch {plan.epoch}: no sample of batch {j} "
+                    f"could be used, e.g. {bad[0][1]} in {bad[0][0]}: {bad[0][2]}"
+                )
+            # Checked here too (the main process checks the rank's total): a worker that alone
+            # exceeds the rank's budget stops now instead of decoding on.
+            if stats["corrupt_skipped"] + stats["samples_missing"] > budget:
+                raise DataCorruptionError(
+                    _corruption_message(
+                        f"rank {self.rank} (worker {worker})", plan.epoch,
+                        stats["corrupt_skipped"] + stats["samples_missing"], stats["corrupt_skipped"],
+                        stats["samples_missing"], fraction, rank_samples, budget, bad_by_shard, examples,
+                    )
+                )
+            samples, fill = [], itertools.cycle(usable)
+            for offset, slot in enumerate(slots):
+                image, label, key = next(fill) if isinstance(slot, _Unusable) else slot
+                with _seeded_global_rng((augment_seed + j * batch_size + offset) % 2**63):
+                    output = self.transform(image)
+                samples.append((output, label, key) if self.return_keys else (output, label))
+            yield collate_samples(samples), {"worker": worker, "batch": j, "stats": dict(stats), "bad": bad}
+
+    def _sample_order(self, worker: int) -> Iterator[tuple[int, int]]:
+        """The reader's positions ``(draw, member)`` in the order its samples are used."""
+        sizes = self.plan.shard_sizes
+        positions = (
+            (draw, member)
+            for draw, shard in enumerate(self.plan.reader_shards(self.rank, worker))
+            for member in range(sizes[shard])
+        )
+        if self.shuffle_buffer <= 1:
+            return positions
+        rng = random.Random(
+            f"scale_ssl.sample_shuffle:{self.plan.seed}:{self.plan.epoch}:{self.rank}:{worker}"
+        )
+        # initial=buffer_size: fill the whole buffer first, so the first batch is shuffled too.
+        return wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(positions)
+
+    def _decode(self, got) -> tuple[PIL.Image.Image, int, str] | _Unusable:
+        if isinstance(got, _Unusable):
+            return got
+        key, members, url = got
+        encoded = members.get(self.image_key)
+        if encoded is None:
+            encoded = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+        try:
+            if encoded is None:
+                raise ValueError(f"no image member ({self.image_key!r}); members are {sorted(members)}")
+            label = int(members["cls"])
+            image = PIL.Image.open(io.BytesIO(encoded))
+            image.load()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError...: all mean unusable
+            reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            if "cls" not in members:
+                reason = f"no 'cls' label member; members are {sorted(members)}"
+            return _Unusable(url, key, reason, missing=False)
+        return image, label, key
 
 
 def _resolve_place(rank: int | None, world_size: int | None) -> tuple[int, int]:
