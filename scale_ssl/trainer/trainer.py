@@ -366,7 +366,7 @@ class Trainer:
             given = getattr(source, hook)()
         if given is None:
             return []
-        if isinstance(given, (list, tuple)) and given and not isinstance(given[0], torch.Tensor) and _is_loader(given[0]):
+        if isinstance(given, (list, tuple)) and given and _is_loader(given[0]):
             return list(given)
         return [given]
 
@@ -424,7 +424,7 @@ class Trainer:
                 self._log_step_metrics(module)
             if stepped and self.checkpoint_every_n_steps and self.global_step % self.checkpoint_every_n_steps == 0:
                 self.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
-            if val_every and (batch_idx + 1) % val_every == 0 and (num_batches is None or batch_idx + 1 < num_batches):
+            if val_every and (batch_idx + 1) % val_every == 0:
                 self._validation_run(module)
             if self._end_epoch_early:
                 self._end_epoch_early = False
@@ -640,8 +640,13 @@ class Trainer:
         return bool(self.val_dataloaders) and type(module).validation_step is not SSLModule.validation_step
 
     def _val_check_batches(self, num_batches: int | None) -> int | None:
+        """Validate inside the epoch every this many batches (``val_check_interval``), on the
+        epochs ``check_val_every_n_epoch`` selects."""
         interval = self.val_check_interval
         if interval is None or not self._has_validation(self.module):
+            return None
+        every_n = self.check_val_every_n_epoch
+        if every_n is not None and (self.current_epoch + 1) % every_n != 0:
             return None
         if isinstance(interval, float):
             if num_batches is None:
@@ -650,9 +655,10 @@ class Trainer:
         return interval
 
     def _validation_due(self) -> bool:
+        """End-of-epoch validation (when no in-epoch ``val_check_interval`` is set)."""
         if not self._has_validation(self.module) or self.check_val_every_n_epoch is None:
             return False
-        if self.val_check_interval is not None and not isinstance(self.val_check_interval, float):
+        if self.val_check_interval is not None:
             return False
         return (self.current_epoch + 1) % self.check_val_every_n_epoch == 0
 
@@ -902,7 +908,9 @@ def _batch_size(batch) -> int:
 
 
 def _is_loader(obj) -> bool:
-    return hasattr(obj, "__iter__") and not isinstance(obj, (torch.Tensor, dict, str))
+    """A loader (DataLoader, stream, list of batches) as opposed to one batch (tuple, tensor, dict):
+    ``[loader_a, loader_b]`` means several loaders, ``[(x, y), ...]`` is one in-memory loader."""
+    return hasattr(obj, "__iter__") and not isinstance(obj, (tuple, torch.Tensor, dict, str))
 
 
 def _limited_length(loader, limit) -> int | None:
