@@ -70,6 +70,11 @@ def run_fit(config: DictConfig):
         "samples_dropped_per_epoch": stream.samples_dropped_per_epoch,
         "negatives_per_anchor": 2 * t.global_batch_size // t.accumulate_grad_batches - 2,
     }
+    # Optional classmethod hook: a method reports its own figures (queue length, negatives incl.
+    # a queue, ...) for the global batch of one optimizer micro-step, and checks they divide.
+    method_figures = getattr(METHODS[config.method], "derived_run_figures", None)
+    if method_figures is not None:
+        resolved["derived"].update(method_figures(resolved["model"], t.global_batch_size // t.accumulate_grad_batches))
     logger = False
     if config.tracking.enabled:
         logger = MLflowLogger(
