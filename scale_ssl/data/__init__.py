@@ -10,7 +10,10 @@ from scale_ssl.data.fashion_mnist import (
 from scale_ssl.data.shard_index import INDEX_FILENAME, ShardIndex, ShardInfo
 from scale_ssl.data.shard_writer import (
     SUPPORTED_IMAGE_FORMATS,
+    EncodedImage,
+    ImageFolderShards,
     make_fashion_mnist_shards,
+    make_imagefolder_shards,
     write_image_shards,
 )
 from scale_ssl.data.shard_source import ShardSourceError, ShardTruncatedError, load_index, resolve_location
@@ -33,7 +36,10 @@ __all__ = [
     "ShardIndex",
     "ShardInfo",
     "SUPPORTED_IMAGE_FORMATS",
+    "EncodedImage",
+    "ImageFolderShards",
     "make_fashion_mnist_shards",
+    "make_imagefolder_shards",
     "write_image_shards",
     "ShardSourceError",
     "ShardTruncatedError",

@@ -70,8 +70,9 @@ class ShardTruncatedError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardLocation:
-    """A resolved shard-set location: ``kind`` is ``"local"``, ``"http"`` or ``"pipe"``; ``base``
-    is the directory, the base URL (no trailing slash) or the command template with ``{name}``."""
+    """A resolved shard-set location: ``kind`` is ``"local"``, ``"http"``, ``"s3"``, ``"gs"`` or
+    ``"pipe"``; ``base`` is the directory, the base URL (no trailing slash) or the command
+    template with ``{name}``."""
 
     kind: str
     base: str
@@ -83,6 +84,10 @@ class ShardLocation:
             return str(Path(self.base) / name)
         if self.kind == "http":
             return f"{self.base}/{urllib.parse.quote(name)}"
+        if self.kind == "s3":
+            return f"pipe:aws s3 cp {shlex.quote(self.base + '/' + name)} -"
+        if self.kind == "gs":
+            return f"pipe:gsutil cat {shlex.quote(self.base + '/' + name)}"
         return "pipe:" + self.base.replace("{name}", name)
 
     def describe(self) -> str:
@@ -103,12 +108,8 @@ def resolve_location(source: str | os.PathLike) -> ShardLocation:
     scheme = urllib.parse.urlsplit(given).scheme.lower()
     if scheme in ("http", "https"):
         return ShardLocation("http", _strip_index_name(given), given)
-    if scheme == "s3":
-        base = _strip_index_name(given)
-        return ShardLocation("pipe", f"aws s3 cp {shlex.quote(base + '/')}{{name}} -", given)
-    if scheme == "gs":
-        base = _strip_index_name(given)
-        return ShardLocation("pipe", f"gsutil cat {shlex.quote(base + '/')}{{name}}", given)
+    if scheme in ("s3", "gs"):
+        return ShardLocation(scheme, _strip_index_name(given), given)
     if scheme and scheme != "file" and len(scheme) > 1:  # one letter: a Windows drive, a path
         raise ValueError(
             f"unsupported shard location scheme {scheme!r} in {given!r}: use a local path, "

@@ -1,8 +1,10 @@
 """Write labelled images as webdataset tar shards with a ``shards.json`` index.
 
-Each sample becomes three tar members, ``<key>.<image_format>`` (the encoded image),
-``<key>.cls`` (the integer label as text) and the key itself in the member names, written by
-webdataset's ``TarWriter`` so any webdataset reader can stream the result.
+Each sample becomes two tar members, ``<key>.<image_format>`` (the encoded image) and
+``<key>.cls`` (the integer label as text), written by webdataset's ``TarWriter`` so any webdataset
+reader can stream the result. Two sources are packed: Fashion-MNIST (lossless PNG) and any
+torchvision ``ImageFolder`` tree (``make_imagefolder_shards``: the original file bytes, never
+re-encoded).
 
 The directory appears atomically: everything is written into a hidden sibling directory that is
 renamed to ``out_dir`` only once every shard and the index are complete. A crash or Ctrl-C leaves
@@ -12,14 +14,21 @@ holds a truncated shard.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import multiprocessing
 import numbers
 import os
+import random
+import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import PIL.Image
 import webdataset as wds
@@ -30,7 +39,19 @@ from scale_ssl.data.shard_index import INDEX_FILENAME, ShardIndex, ShardInfo
 # Formats webdataset's TarWriter can encode from a PIL image (encoded bytes pass through as-is).
 SUPPORTED_IMAGE_FORMATS = ("png", "jpg", "jpeg", "ppm", "pgm", "tiff")
 
-ImageLike = Union[PIL.Image.Image, bytes]
+# Tar member extension for each format PIL detects in an ImageFolder file.
+_PIL_FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "PPM": "ppm", "TIFF": "tiff"}
+_TAR_BLOCK = 512
+
+
+class EncodedImage(NamedTuple):
+    """Image bytes kept as they are, stored under the member extension ``extension``."""
+
+    data: bytes
+    extension: str
+
+
+ImageLike = Union[PIL.Image.Image, bytes, EncodedImage]
 
 
 def write_image_shards(
@@ -41,19 +62,28 @@ def write_image_shards(
     image_format: str = "png",
     overwrite: bool = False,
     prefix: str = "shard",
-    source: str = "",
+    source: str | Callable[[], str] = "",
+    max_shard_bytes: int | None = None,
 ) -> ShardIndex:
     """Write ``(key, image, label)`` samples into ``out_dir/<prefix>-000000.tar``, ... and index them.
 
-    ``image`` is a PIL image (encoded here as ``image_format``; ``png`` is lossless) or bytes
-    already encoded in that format. ``key`` names the sample in every tar and must be unique and
-    free of dots (webdataset splits a member name into key and extension at the first dot).
-    Every shard holds ``shard_size`` samples except possibly the last. Returns the written index,
-    whose ``directory`` is ``out_dir``.
+    ``image`` is a PIL image (encoded here as ``image_format``; ``png`` is lossless), bytes
+    already encoded in that format, or an ``EncodedImage`` (bytes stored under their own
+    extension). ``key`` names the sample in every tar and must be unique and free of dots
+    (webdataset splits a member name into key and extension at the first dot). A shard is closed
+    at ``shard_size`` samples or before its members would pass ``max_shard_bytes`` bytes (tar
+    headers and padding counted; a lone sample larger than that still gets its shard). Returns
+    the written index, whose ``directory`` is ``out_dir``. The index's ``image_key`` is
+    ``image_format``, or the most common extension when ``EncodedImage`` samples were given;
+    ``source`` may be a callable, asked once every sample has been consumed.
     """
     out_dir = Path(out_dir)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if max_shard_bytes is not None and (
+        isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1
+    ):
+        raise ValueError(f"max_shard_bytes must be None or a positive integer, got {max_shard_bytes!r}")
     if isinstance(classes, str) or not classes or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"classes must be a non-empty sequence of class names, got {classes!r}")
     if image_format not in SUPPORTED_IMAGE_FORMATS:
@@ -69,11 +99,14 @@ def write_image_shards(
     staging = out_dir.parent / f".{out_dir.name}.incomplete-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
-        shards = _write_tars(samples, staging, shard_size, len(classes), image_format, prefix)
+        shards, extensions = _write_tars(
+            samples, staging, shard_size, len(classes), image_format, prefix, max_shard_bytes
+        )
+        source = source() if callable(source) else source
         index = ShardIndex(
             shards=shards,
             classes=list(classes),
-            image_key=image_format,
+            image_key=extensions.most_common(1)[0][0],
             source=source or f"write_image_shards({image_format}, shard_size={shard_size})",
         )
         index.save(staging)
@@ -125,10 +158,11 @@ def _fashion_mnist_samples(split, images, labels) -> Iterator[tuple[str, PIL.Ima
         yield f"fmnist-{split}-{position:06d}", PIL.Image.fromarray(pixels), int(label)
 
 
-def _write_tars(samples, staging: Path, shard_size, num_classes, image_format, prefix):
+def _write_tars(samples, staging: Path, shard_size, num_classes, image_format, prefix, max_shard_bytes=None):
     shards: list[ShardInfo] = []
     seen_keys: set[str] = set()
-    writer, name, count = None, "", 0
+    extensions: Counter = Counter()
+    writer, name, count, size = None, "", 0, 0
     # An integer mtime: with a float one, tarfile puts a PAX header before every member, which
     # doubled the tar size and the write time of Fashion-MNIST.
     mtime = int(time.time())
@@ -140,11 +174,20 @@ def _write_tars(samples, staging: Path, shard_size, num_classes, image_format, p
     try:
         for position, sample in enumerate(samples):
             key, image, label = _checked_sample(sample, position, num_classes, seen_keys)
+            extension = image_format
+            if isinstance(image, EncodedImage):
+                image, extension = image.data, image.extension
+            sample_bytes = _tar_bytes(image) + _tar_bytes(str(label).encode())
+            if writer is not None and max_shard_bytes is not None and size + sample_bytes > max_shard_bytes:
+                finish_shard()
+                writer = None
             if writer is None:
-                name, count = f"{prefix}-{len(shards):06d}.tar", 0
+                name, count, size = f"{prefix}-{len(shards):06d}.tar", 0, 0
                 writer = wds.TarWriter(str(staging / name), mtime=mtime)
-            writer.write({"__key__": key, image_format: image, "cls": label})
+            writer.write({"__key__": key, extension: image, "cls": label})
+            extensions[extension] += 1
             count += 1
+            size += sample_bytes
             if count == shard_size:
                 finish_shard()
                 writer = None
@@ -156,7 +199,7 @@ def _write_tars(samples, staging: Path, shard_size, num_classes, image_format, p
             writer.close()
     if not shards:
         raise ValueError("samples is empty: there is nothing to write")
-    return shards
+    return shards, extensions
 
 
 def _checked_sample(sample, position, num_classes, seen_keys) -> tuple[str, ImageLike, int]:
@@ -173,7 +216,7 @@ def _checked_sample(sample, position, num_classes, seen_keys) -> tuple[str, Imag
     seen_keys.add(key)
     if isinstance(image, (bytearray, memoryview)):
         image = bytes(image)
-    if not isinstance(image, (PIL.Image.Image, bytes)):
+    if not isinstance(image, (PIL.Image.Image, bytes, EncodedImage)):
         raise TypeError(
             f"sample {position} ({key}): image must be a PIL image or encoded bytes, got {type(image)}"
         )
@@ -214,3 +257,126 @@ def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
     os.rename(out_dir, retired)
     os.rename(staging, out_dir)
     shutil.rmtree(retired)
+
+
+def _tar_bytes(payload) -> int:
+    """Bytes one member takes in a tar: a header block plus the payload padded to whole blocks
+    (a PIL image not yet encoded is counted by its raw pixels, an upper bound for PNG)."""
+    length = len(payload) if isinstance(payload, (bytes, bytearray)) else len(payload.tobytes())
+    return _TAR_BLOCK + -(-length // _TAR_BLOCK) * _TAR_BLOCK
+
+
+@dataclass
+class ImageFolderShards:
+    """What ``make_imagefolder_shards`` wrote: the index, and every file it skipped with why."""
+
+    index: ShardIndex
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)
+
+
+def make_imagefolder_shards(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int,
+    *,
+    max_shard_bytes: int | None = None,
+    workers: int = 0,
+    overwrite: bool = False,
+    shuffle_seed: int | None = 0,
+    prefix: str = "shard",
+) -> ImageFolderShards:
+    """Pack a torchvision ``ImageFolder`` tree (``src_dir/<class>/<image>``) into shards.
+
+    Classes and files are found exactly as ``torchvision.datasets.ImageFolder`` finds them
+    (sorted class folders, its image extensions), so labels match an ``ImageFolder`` of the same
+    tree. Each file's bytes are stored unchanged under the extension of the format PIL detects
+    (ImageNet has PNG and CMYK files named ``.JPEG``; they are kept, correctly named); the
+    index's ``image_key`` is the most common one. Each file is decoded once to check it: a file
+    PIL cannot fully decode is skipped and reported with its path. ``workers`` processes read
+    and check files in parallel; the result does not depend on their number.
+
+    The key of a sample is its path below ``src_dir`` without the extension, other characters
+    than letters, digits, ``_``, ``-`` and ``/`` replaced by ``_`` (plus a hash of the path if
+    that collides), so it is stable across re-packs. ``shuffle_seed`` fixes the order in which
+    files are spread over the shards (``None`` keeps the sorted order, which puts one class per
+    shard: poor batches for a shuffle buffer smaller than a class).
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"ImageFolder source {src_dir} is not a directory")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    _check_replaceable(Path(out_dir), overwrite)  # before reading a single image
+    try:
+        classes, class_to_idx = find_classes(src_dir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{src_dir} is not an ImageFolder tree (one sub-folder per class): {error}"
+        ) from None
+    files = make_dataset(src_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) below {src_dir}")
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(files)
+    keys = _stable_keys([os.path.relpath(path, src_dir) for path, _ in files])
+    skipped: list[tuple[str, str]] = []
+    formats: Counter = Counter()
+
+    def samples() -> Iterator[tuple[str, EncodedImage, int]]:
+        paths = [path for path, _ in files]
+        if workers > 0:
+            with multiprocessing.get_context().Pool(workers) as pool:
+                yield from _checked_samples(pool.imap(_read_checked_image, paths, chunksize=16))
+        else:
+            yield from _checked_samples(map(_read_checked_image, paths))
+
+    def _checked_samples(results):
+        for (path, label), key, (data, extension, problem) in zip(files, keys, results):
+            if problem is not None:
+                skipped.append((path, problem))
+                continue
+            formats[extension] += 1
+            yield key, EncodedImage(data, extension), label
+
+    index = write_image_shards(
+        samples(),
+        out_dir,
+        shard_size=shard_size,
+        classes=classes,
+        overwrite=overwrite,
+        prefix=prefix,
+        source=lambda: (
+            f"ImageFolder {src_dir}: {sum(formats.values())} images of {len(files)} files "
+            f"({len(skipped)} unreadable, skipped), formats {dict(formats)}, shuffle_seed={shuffle_seed}"
+        ),
+        max_shard_bytes=max_shard_bytes,
+    )
+    return ImageFolderShards(index, skipped, dict(formats))
+
+
+def _read_checked_image(path: str) -> tuple[bytes | None, str, str | None]:
+    """``(bytes, member extension, None)`` for a file PIL decodes fully, else ``(None, "", why)``."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            detected = image.format
+            image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
+        return None, "", f"{type(error).__name__}: {error}"
+    extension = _PIL_FORMAT_EXTENSIONS.get(detected)
+    if extension is None:
+        return None, "", f"format {detected} is not one of {sorted(_PIL_FORMAT_EXTENSIONS)}"
+    return data, extension, None
+
+
+def _stable_keys(relative_paths: Sequence[str]) -> list[str]:
+    keys = [re.sub(r"[^A-Za-z0-9_/-]", "_", os.path.splitext(path.replace(os.sep, "/"))[0]) for path in relative_paths]
+    counts = Counter(keys)
+    return [
+        f"{key}-{hashlib.sha1(path.encode()).hexdigest()[:8]}" if counts[key] > 1 else key
+        for key, path in zip(keys, relative_paths)
+    ]
