@@ -1,8 +1,9 @@
 """Self-supervised methods: ``SSLModule`` subclasses that own their encoder, head, loss and recipe."""
 
+from scale_ssl.methods.moco import MoCoV2
 from scale_ssl.methods.simclr import SimCLR
 from scale_ssl.methods.swav import SwAV
 
-METHODS = {"simclr": SimCLR, "swav": SwAV}
+METHODS = {"simclr": SimCLR, "swav": SwAV, "moco": MoCoV2}
 
-__all__ = ["SimCLR", "SwAV", "METHODS"]
+__all__ = ["SimCLR", "SwAV", "MoCoV2", "METHODS"]
