@@ -168,6 +168,19 @@ class _OpenedShard:
 
     def finish(self, *, abandon: bool = False) -> str | None:
         """Close; return a description of a transport failure, or None when it ended cleanly."""
+        if not abandon and isinstance(self.stream, http.client.HTTPResponse):
+            # http.client treats a connection closed before Content-Length as a normal end of
+            # the body; the tar reader may also stop before the tar's final padding. Read what
+            # is left and compare with the promised length to tell the two apart.
+            try:
+                while self.stream.read(1 << 16):
+                    pass
+            except (OSError, http.client.HTTPException) as error:
+                return f"{type(error).__name__}: {error}"
+            missing = self.stream.length
+            if missing:
+                self.stream.close()
+                return f"the connection closed {missing} bytes before the end of the body"
         try:
             self.stream.close()
         except Exception:  # closing a broken HTTP response may raise again; the read said enough
@@ -277,12 +290,16 @@ def iter_shard_samples(
     while True:
         opened = _with_retries(url, lambda: _open(url, timeout), retries - attempt, retry_delay)
         position, content_error, transport_error = 0, None, None
+        # The last sample read is held back until the transport is known to have ended cleanly:
+        # a transfer cut at a member boundary looks like the clean end of a shorter tar.
+        held = None
         finished = False
         try:
-            for key, members in _tar_samples(opened.stream):
-                if position >= delivered:
+            for sample in _tar_samples(opened.stream):
+                if held is not None:
                     delivered += 1
-                    yield key, members
+                    yield held
+                held = sample if position >= delivered else None
                 position += 1
             finished = True
         except tarfile.TarError as error:
@@ -294,6 +311,9 @@ def iter_shard_samples(
                 opened.finish(abandon=True)  # the consumer stopped early (or raised)
         failure = opened.finish(abandon=transport_error is not None) or transport_error
         if failure is None and content_error is None:
+            if held is not None:
+                delivered += 1
+                yield held
             return
         if failure is not None:
             if attempt >= retries:
@@ -304,6 +324,7 @@ def iter_shard_samples(
             time.sleep(retry_delay * 2**attempt)
             attempt += 1
             continue
+        # A damaged tar: the sample being read when it broke may lack members; it is dropped.
         raise ShardTruncatedError(
             f"shard {url} is truncated or damaged after {delivered} complete samples: {content_error}",
             delivered,
@@ -320,12 +341,13 @@ def _tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
             member_key, extension = base_plus_ext(info.name)
             if member_key is None or os.path.basename(member_key).startswith("__"):
                 continue  # not a sample member, or webdataset metadata
-            data = tar.extractfile(info).read()
-            tar.members = []  # a streamed tar would otherwise keep every header it has seen
             if member_key != key:
+                # The previous sample is complete as soon as another one starts, before this
+                # member's data is read (which is where a truncated tar usually breaks).
                 if members:
                     yield key, members
                 key, members = member_key, {}
-            members[extension.lower()] = data
+            members[extension.lower()] = tar.extractfile(info).read()
+            tar.members = []  # a streamed tar would otherwise keep every header it has seen
     if members:
         yield key, members

@@ -46,11 +46,12 @@ are unchanged (otherwise the rest of the epoch is played under the new plan; see
 
 **Corrupt data.** A sample that fails to decode, or that is missing because its shard is
 truncated or shorter than the index says, leaves its slot in the batch empty; the slot is
-filled with a copy of another sample of the same batch (augmented with the slot's own seed), so
-batch shapes, step counts and resume positions do not depend on decoding. Every such sample is
+filled with a copy of another sample of the same batch (augmented with the slot's own seed), or
+of the reader's previous batch when none of this batch is usable, so batch shapes, step counts
+and resume positions do not depend on decoding. Every such sample is
 counted (``epoch_stats()``); once a rank's count in an epoch exceeds ``max_corrupt_fraction`` of
-the samples it reads that epoch, it raises ``DataCorruptionError`` naming the shards. A batch
-whose every sample is unusable is an error whatever the fraction. A shard holding *more*
+the samples it reads that epoch, it raises ``DataCorruptionError`` naming the shards. Two
+consecutive batches of a reader with no usable sample are an error whatever the fraction. A shard holding *more*
 samples than the index lists raises ``ShardIndexMismatchError`` (the index is stale).
 """
 
@@ -666,10 +667,11 @@ class _ShardCursor:
     allows, else read and thrown away undecoded.
     """
 
-    def __init__(self, draws: Iterable[int], sizes, urls, consumed: set, io_options: dict):
+    def __init__(self, draws: Iterable[int], sizes, urls, consumed: set, io_options: dict, keep: set = frozenset()):
         self.draws = enumerate(draws)
         self.sizes, self.urls, self.consumed, self.io_options = sizes, urls, consumed, io_options
-        self.consumed_per_draw = Counter(draw for draw, _ in consumed)
+        self.keep = keep  # consumed, but stashed all the same (they may be asked for)
+        self.consumed_per_draw = Counter(draw for draw, member in consumed if (draw, member) not in keep)
         self.stash: dict[tuple[int, int], tuple[str, dict, str]] = {}
         self.ended: dict[int, tuple[int, str]] = {}  # draw -> (samples delivered, why it ended)
         self.draw, self.shard, self.samples, self.member = -1, -1, None, 0
@@ -727,7 +729,7 @@ class _ShardCursor:
         self.member += 1
         if token in self.consumed:
             self.reread += 1
-        else:
+        if token not in self.consumed or token in self.keep:
             self.stash[token] = (key, members, url)
 
     def _end(self, why: str) -> None:
@@ -759,9 +761,13 @@ class _EpochReader(IterableDataset):
         if start >= quota:
             return
         order = self._sample_order(worker)
-        consumed = set(islice(order, start * batch_size))
+        consumed = list(islice(order, start * batch_size))
+        # The batch before the resume point is kept within reach: a batch with no usable sample
+        # is filled from the one before it, also right after a resume.
+        before_start = consumed[-batch_size:] if start else []
         cursor = _ShardCursor(plan.reader_shards(self.rank, worker), plan.shard_sizes, self.urls,
-                              consumed, self.io_options)
+                              set(consumed), self.io_options, keep=set(before_start))
+        previous_usable = None
         augment_seed = _stable_seed("scale_ssl.augment", plan.seed, plan.epoch, self.rank, worker)
         stats = {"corrupt_skipped": 0, "samples_missing": 0, "samples_padded": 0, "resume_samples_reread": 0}
         bad_by_shard, examples = Counter(), []
@@ -777,11 +783,21 @@ class _EpochReader(IterableDataset):
             bad = [(slot.url, slot.key, slot.reason) for slot in unusable]
             bad_by_shard.update(url for url, _, _ in bad)
             examples = (examples + bad)[:_EXAMPLES_IN_ERRORS]
-            if not usable:
+            if j == start and before_start:
+                if not usable:
+                    previous_usable = [slot for slot in map(self._decode, map(cursor.get, before_start))
+                                       if not isinstance(slot, _Unusable)]
+                for token in before_start:
+                    cursor.stash.pop(token, None)
+            fill_from = usable or previous_usable
+            if not fill_from:
                 raise DataCorruptionError(
                     f"rank {self.rank} worker {worker}, epoch {plan.epoch}: no sample of batch {j} "
-                    f"could be used, e.g. {bad[0][1]} in {bad[0][0]}: {bad[0][2]}"
+                    f"could be used, nor of the batch before it, e.g. {bad[0][1]} in {bad[0][0]}: {bad[0][2]}"
                 )
+            # Only this batch's own samples: the rule must not depend on batches before the
+            # previous one, which a resumed reader does not read.
+            previous_usable = usable
             # Checked here too (the main process checks the rank's total): a worker that alone
             # exceeds the rank's budget stops now instead of decoding on.
             if stats["corrupt_skipped"] + stats["samples_missing"] > budget:
@@ -792,7 +808,7 @@ class _EpochReader(IterableDataset):
                         stats["samples_missing"], fraction, rank_samples, budget, bad_by_shard, examples,
                     )
                 )
-            samples, fill = [], itertools.cycle(usable)
+            samples, fill = [], itertools.cycle(fill_from)
             for offset, slot in enumerate(slots):
                 image, label, key = next(fill) if isinstance(slot, _Unusable) else slot
                 with _seeded_global_rng((augment_seed + j * batch_size + offset) % 2**63):
