@@ -206,3 +206,52 @@ def test_real_gloo_ranks_with_workers_take_equal_steps_and_share_no_sample(shard
     keys = results[0]["keys"] + results[1]["keys"]
     assert len(keys) == len(set(keys)) == steps * BATCH * world_size
     assert results[0]["dropped"] == sum(SHARD_SIZES) - steps * BATCH * world_size
+
+
+def test_config_data_fields_reach_the_stream_and_bad_values_are_named(tmp_path):
+    from omegaconf import OmegaConf
+
+    from scale_ssl.cli.fit import build_train_stream
+    from scale_ssl.config import RunConfig
+    from scale_ssl.config.load import ConfigError, validate_config
+
+    write_uneven_shards(tmp_path, [40, 40], image_size=28)
+    config = OmegaConf.structured(RunConfig)
+    config.data.train_shards = str(tmp_path)
+    config.trainer.max_steps = 10
+    config.data.mode, config.data.max_corrupt_fraction, config.data.retries = "resampled", 0.25, 5
+    validate_config(config)
+
+    class Place:
+        global_rank, world_size = 1, 2
+
+    stream = build_train_stream(config, Place(), batch_size=4)
+    assert (stream.mode, stream.max_corrupt_fraction, stream.io_options["retries"]) == ("resampled", 0.25, 5)
+    assert (stream.rank, stream.world_size, len(stream)) == (1, 2, 10)
+    for key, value, message in [
+        ("mode", "sometimes", "data.mode must be 'exact'"),
+        ("max_corrupt_fraction", 2.0, "data.max_corrupt_fraction is a share in"),
+        ("io_timeout", -1.0, "data.io_timeout must be >= 0"),
+    ]:
+        bad = config.copy()
+        bad.data[key] = value
+        with pytest.raises(ConfigError, match=message):
+            validate_config(bad)
+
+
+@more_workers_than_cores
+def test_resampled_mode_gives_every_rank_the_nominal_epoch_and_seeded_draws(shard_dir):
+    nominal = sum(SHARD_SIZES) // (BATCH * 3)
+    per_rank = []
+    for rank in range(3):
+        batches, stream = run_epoch(shard_dir, rank, 3, mode="resampled", num_workers=2)
+        assert len(batches) == len(stream) == nominal
+        per_rank.append([key for keys in batches for key in keys])
+    assert per_rank[0] != per_rank[1] != per_rank[2]  # each reader draws from its own generator
+    # Draws are proportional to shard size and with replacement: over all ranks some sample repeats.
+    everything = Counter(key for keys in per_rank for key in keys)
+    assert max(everything.values()) > 1 and set(everything) <= all_keys(SHARD_SIZES)
+    again, _ = run_epoch(shard_dir, 1, 3, mode="resampled", num_workers=2)
+    assert [key for keys in again for key in keys] == per_rank[1]
+    other_epoch, _ = run_epoch(shard_dir, 1, 3, epoch=1, mode="resampled", num_workers=2)
+    assert [key for keys in other_epoch for key in keys] != per_rank[1]

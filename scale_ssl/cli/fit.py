@@ -21,7 +21,11 @@ def build_strategy_from_config(config: DictConfig):
     options = {"accelerator": t.accelerator}
     if t.strategy == "ddp":
         options["sync_batchnorm"] = t.sync_batchnorm
-    elif t.sync_batchnorm:
+    elif t.strategy == "dp":
+        if t.devices is None:
+            raise ConfigError("trainer.strategy=dp needs trainer.devices (the number of parts per batch), e.g. trainer.devices=2")
+        options["devices"] = t.devices
+    if t.sync_batchnorm and t.strategy != "ddp":
         raise ConfigError(f"trainer.sync_batchnorm=true needs trainer.strategy=ddp (got {t.strategy!r})")
     return build_strategy(t.strategy, **options)
 
@@ -46,6 +50,11 @@ def build_train_stream(config: DictConfig, strategy, batch_size: int) -> Sharded
         num_workers=d.num_workers,
         seed=config.trainer.seed,
         shuffle_buffer=d.shuffle_buffer,
+        mode=d.mode,
+        max_corrupt_fraction=d.max_corrupt_fraction,
+        retries=d.retries,
+        retry_delay=d.retry_delay,
+        io_timeout=d.io_timeout,
     )
 
 

@@ -88,6 +88,13 @@ def validate_config(config: DictConfig) -> None:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(d.crop_scale)}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    if d.mode not in ("exact", "resampled"):
+        raise ConfigError(f"data.mode must be 'exact' (each sample at most once per epoch) or 'resampled', got {d.mode!r}")
+    if not 0 <= d.max_corrupt_fraction <= 1:
+        raise ConfigError(f"data.max_corrupt_fraction is a share in [0, 1] (0.001 = 0.1%), got {d.max_corrupt_fraction}")
+    for key in ("retries", "retry_delay", "io_timeout"):
+        if d[key] < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {d[key]}")
     check_kwargs(METHODS[config.method], OmegaConf.to_container(config.model, resolve=True), section="model")
 
 

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 class TrainerConfig:
     strategy: str = "single"
     accelerator: str = "auto"
+    # strategy=dp: how many parts each batch is split into (GPUs, or CPU threads without GPUs).
+    devices: Optional[int] = None
     # The global batch is the unit (design contract 1): per-device batch = global / (world x accum).
     global_batch_size: int = 256
     accumulate_grad_batches: int = 1
@@ -40,6 +42,16 @@ class DataConfig:
     val_shards: Optional[str] = "data/fashion-mnist/test"
     num_workers: int = 1
     shuffle_buffer: int = 1000
+    # exact: each sample at most once per epoch; resampled: shards drawn with replacement,
+    # num_samples // global_batch steps per epoch (scale_ssl/data/stream.py explains both).
+    mode: str = "exact"
+    # Share of a rank's samples per epoch that may fail to decode or be missing before the run stops.
+    max_corrupt_fraction: float = 0.001
+    # Remote shards (http(s)://, s3://, gs://, pipe:): retries after the first attempt, the first
+    # back-off in seconds (doubling), and the seconds a read may stall.
+    retries: int = 3
+    retry_delay: float = 1.0
+    io_timeout: float = 60.0
     image_size: int = 28
     channels: int = 1
     mean: List[float] = field(default_factory=lambda: [0.2860])
