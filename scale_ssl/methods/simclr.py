@@ -107,10 +107,16 @@ class SimCLR(SSLModule):
         # One encoder pass over both views: BatchNorm sees all 2b images, as in the paper.
         z = self.projection(self.encoder(torch.cat([x1, x2])))
         z1, z2 = z.chunk(2)
+        return {"z1": z1, "z2": z2}
+
+    def training_step_end(self, outputs):
+        # The loss lives here so that under strategy=dp it sees every device's part of the batch;
+        # under single/ddp/deepspeed/xla this is the same call on this rank's part.
+        z1, z2 = outputs["z1"], outputs["z2"]
         loss = self.criterion(z1, z2)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         # Contract 1: report the negatives each anchor really sees (global, not per device).
-        self.log("train/negatives_per_anchor", 2 * x1.shape[0] * self.collective.world_size - 2)
+        self.log("train/negatives_per_anchor", 2 * z1.shape[0] * self.collective.world_size - 2)
         return loss
 
     def configure_optimizers(self):

@@ -2,11 +2,15 @@
 
 from scale_ssl.strategies.base import Strategy
 from scale_ssl.strategies.ddp import ClusterEnvironment, DDPStrategy, LaunchError
+from scale_ssl.strategies.dp import DPStrategy
 from scale_ssl.strategies.single import SingleDeviceStrategy
+from scale_ssl.strategies.xla import XLAStrategy, launch_xla
 
 STRATEGIES = {
     "single": SingleDeviceStrategy,
     "ddp": DDPStrategy,
+    "dp": DPStrategy,
+    "xla": XLAStrategy,  # torch_xla is imported only when it sets up
 }
 
 
@@ -21,4 +25,4 @@ def build_strategy(strategy, **options) -> Strategy:
     return STRATEGIES[strategy](**options)
 
 
-__all__ = ["Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "LaunchError", "STRATEGIES", "build_strategy"]
+__all__ = ["DPStrategy", "Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "LaunchError", "XLAStrategy", "launch_xla", "STRATEGIES", "build_strategy"]

@@ -80,6 +80,35 @@ class Strategy(ABC):
         """Skip gradient synchronisation (non-final micro-batches of gradient accumulation)."""
         return contextlib.nullcontext()
 
+    def connect_optimizers(self, wrapped: nn.Module, optimizers: list) -> tuple[nn.Module, list]:
+        """Called once ``configure_optimizers`` has run (DeepSpeed builds its engine here)."""
+        return wrapped, optimizers
+
+    def clip_gradients(self, optimizer, value: float, algorithm: str) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, value)
+        else:
+            torch.nn.utils.clip_grad_value_(params, value)
+
+    @property
+    def autocast_enabled(self) -> bool:
+        """False where the engine runs mixed precision itself (DeepSpeed)."""
+        return True
+
+    def load_optimizer_states(self, optimizers: list, states: list) -> None:
+        if len(states) != len(optimizers):
+            raise ValueError(
+                f"checkpoint has {len(states)} optimizer states but configure_optimizers returned "
+                f"{len(optimizers)}; resume with the same optimizer configuration"
+            )
+        for optimizer, state in zip(optimizers, states):
+            optimizer.load_state_dict(state)
+
+    def eval_step(self, module: nn.Module, step_name: str, args: tuple) -> Any:
+        """Run ``validation_step``/``test_step`` (dp splits the batch over its devices)."""
+        return getattr(module, step_name)(*args)
+
     def batch_to_device(self, batch: Any) -> Any:
         device = self.root_device
         if device.type == "cpu":

@@ -206,7 +206,11 @@ class SSLModule(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx)")
 
     def training_step_end(self, outputs):
+        """Receives the step's outputs; under ``strategy=dp`` those of every part, gathered (tensors
+        concatenated along dim 0, per-part scalars stacked). Compute full-batch losses here."""
         return outputs
+
+    training_step_end.is_default_hook = True  # dp averages part losses when this is not overridden
 
     def validation_step(self, batch, batch_idx: int, *args):
         return None

@@ -15,7 +15,7 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 
 
 class Precision:
-    def __init__(self, precision: str | int, device: torch.device):
+    def __init__(self, precision: str | int, device: torch.device, autocast: bool = True):
         precision = str(precision)
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={precision!r} is not supported; use one of {PRECISIONS}")
@@ -26,9 +26,12 @@ class Precision:
             )
         self.precision = precision
         self.device = device
+        self.autocast_enabled = autocast  # False when the strategy's engine casts (DeepSpeed)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
 
     def autocast(self):
+        if not self.autocast_enabled:
+            return contextlib.nullcontext()
         if self.precision == "bf16-mixed":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         if self.precision == "16-mixed":

@@ -240,6 +240,7 @@ class Trainer:
         self.wrapped = self.strategy.setup_module(_StepAdapter(module))
         returned = module.configure_optimizers()
         self.optimizers, self.lr_scheduler_configs, self.optimizer_frequencies = parse_optimizer_config(returned)
+        self.wrapped, self.optimizers = self.strategy.connect_optimizers(self.wrapped, self.optimizers)
         self.wrapped_optimizers = [WrappedOptimizer(opt, self, i) for i, opt in enumerate(self.optimizers)]
         self._check_optimization_mode(module)
         self.train_dataloader = self._train_loader()
@@ -329,7 +330,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.module = module
         module.trainer = self
-        self.precision = Precision(self.precision_name, strategy.root_device)
+        self.precision = Precision(self.precision_name, strategy.root_device, autocast=strategy.autocast_enabled)
         # prepare_data writes to disk: once per node, before any rank builds a loader.
         if strategy.local_rank == 0:
             if datamodule is not None and hasattr(datamodule, "prepare_data"):
@@ -613,11 +614,7 @@ class Trainer:
         if algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm={algorithm!r}; use 'norm' or 'value'")
         self.precision.unscale(raw)
-        params = [p for group in raw.param_groups for p in group["params"] if p.grad is not None]
-        if algorithm == "norm":
-            torch.nn.utils.clip_grad_norm_(params, value)
-        else:
-            torch.nn.utils.clip_grad_value_(params, value)
+        self.strategy.clip_gradients(raw, value, algorithm)
 
     def _step_scheduler(self, config: SchedulerConfig) -> None:
         if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -698,7 +695,6 @@ class Trainer:
         """Eval mode, no grad, each loader once; ``*_step_end`` and ``*_epoch_end(outputs)`` called;
         epoch-logged metrics averaged (and reduced over ranks) into ``callback_metrics``."""
         prefix = "validation" if stage == "validate" else "test"
-        step_fn = getattr(module, f"{prefix}_step")
         step_end = getattr(module, f"{prefix}_step_end")
         limit_setting = self.limit_val_batches if prefix == "validation" else self.limit_test_batches
         was_training = module.training
@@ -719,7 +715,7 @@ class Trainer:
                         batch = self.strategy.batch_to_device(batch)
                         args = (batch, batch_idx, dl_idx) if len(loaders) > 1 else (batch, batch_idx)
                         with self.precision.autocast():
-                            out = step_end(step_fn(*args))
+                            out = step_end(self.strategy.eval_step(module, f"{prefix}_step", args))
                         if out is not None:
                             outputs.append(out)
                         for cb in self.callbacks:
@@ -825,13 +821,7 @@ class Trainer:
     def _restore(self, checkpoint: dict) -> None:
         module = self.module
         module.load_state_dict(checkpoint["state_dict"])
-        if len(checkpoint["optimizer_states"]) != len(self.optimizers):
-            raise ValueError(
-                f"checkpoint has {len(checkpoint['optimizer_states'])} optimizer states but configure_optimizers "
-                f"returned {len(self.optimizers)}; resume with the same optimizer configuration"
-            )
-        for opt, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            opt.load_state_dict(state)
+        self.strategy.load_optimizer_states(self.optimizers, checkpoint["optimizer_states"])
         for config, state, count in zip(self.lr_scheduler_configs, checkpoint["lr_scheduler_states"],
                                         checkpoint.get("lr_scheduler_step_counts", [0] * len(self.lr_scheduler_configs))):
             config.scheduler.load_state_dict(state)
