@@ -1,8 +1,18 @@
 """Losses. None imports torch.distributed: each receives a ``Collective``."""
 
+from scale_ssl.losses.byol_loss import BYOLLoss
 from scale_ssl.losses.infonce_queue import InfoNCEQueueLoss
+from scale_ssl.losses.negative_cosine import NegativeCosineLoss
 from scale_ssl.losses.nt_xent import NTXentLoss
 from scale_ssl.losses.sinkhorn import distributed_sinkhorn, prototype_marginal_deviation
 from scale_ssl.losses.swav_loss import SwAVLoss
 
-__all__ = ["InfoNCEQueueLoss", "NTXentLoss", "SwAVLoss", "distributed_sinkhorn", "prototype_marginal_deviation"]
+__all__ = [
+    "BYOLLoss",
+    "InfoNCEQueueLoss",
+    "NegativeCosineLoss",
+    "NTXentLoss",
+    "SwAVLoss",
+    "distributed_sinkhorn",
+    "prototype_marginal_deviation",
+]
