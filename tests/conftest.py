@@ -12,6 +12,8 @@ pytest_plugins = ["tests.mlflow_server"]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# DeepSpeed compiles a small op on first start: keep it in the repo's cache (the Makefile's too).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

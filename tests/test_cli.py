@@ -118,3 +118,30 @@ def test_torchrun_two_ranks_fit(fmnist_shards, tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["world_size"] == 2
     assert len(ckpt["rng_states"]) == 2
+
+
+def test_dp_from_the_command_line(fmnist_shards, tmp_path):
+    args = tiny_overrides(fmnist_shards, tmp_path, strategy="dp") + ["trainer.devices=2", "tracking.enabled=false",
+                                                                     "trainer.num_threads=1"]
+    assert main(["fit", "--config", CONFIG, *args]) == 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+
+
+def test_dp_without_devices_is_a_clear_error(capsys, fmnist_shards, tmp_path):
+    line = _error_of(["fit", "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="dp")], capsys)
+    assert "trainer.devices" in line
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_deepspeed_zero2_bf16_with_a_user_json(fmnist_shards, tmp_path):
+    """`torchrun ... fit trainer.strategy=deepspeed trainer.deepspeed_config=configs/deepspeed/zero2.json`."""
+    cmd = [
+        os.path.join(VENV_BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "scale_ssl", "fit",
+        "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="deepspeed"), "tracking.enabled=false",
+        "trainer.precision=bf16-mixed", f"trainer.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deepspeed x2" in proc.stdout
+    assert os.path.isdir(tmp_path / "checkpoints" / "last.ckpt" / "state")  # a sharded DeepSpeed checkpoint

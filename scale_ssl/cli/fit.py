@@ -25,6 +25,9 @@ def build_strategy_from_config(config: DictConfig):
         if t.devices is None:
             raise ConfigError("trainer.strategy=dp needs trainer.devices (the number of parts per batch), e.g. trainer.devices=2")
         options["devices"] = t.devices
+    elif t.strategy == "deepspeed":
+        options.update(zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
+                       offload_parameters=t.offload_parameters, config=t.deepspeed_config)
     if t.sync_batchnorm and t.strategy != "ddp":
         raise ConfigError(f"trainer.sync_batchnorm=true needs trainer.strategy=ddp (got {t.strategy!r})")
     return build_strategy(t.strategy, **options)
@@ -69,6 +72,8 @@ def run_fit(config: DictConfig):
     strategy.setup_environment()
     set_cpu_threads(config, strategy)
     batch_size = per_device_batch_size(t.global_batch_size, strategy.world_size, t.accumulate_grad_batches)
+    if hasattr(strategy, "micro_batch_size"):  # DeepSpeed's config names the per-device batch
+        strategy.micro_batch_size = batch_size
     stream = build_train_stream(config, strategy, batch_size)
 
     resolved["derived"] = {

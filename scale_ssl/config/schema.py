@@ -17,6 +17,12 @@ class TrainerConfig:
     accelerator: str = "auto"
     # strategy=dp: how many parts each batch is split into (GPUs, or CPU threads without GPUs).
     devices: Optional[int] = None
+    # strategy=deepspeed: ZeRO stage, CPU offload, and an optional DeepSpeed JSON to start from
+    # (its values must agree with the trainer settings above).
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    deepspeed_config: Optional[str] = None
     # The global batch is the unit (design contract 1): per-device batch = global / (world x accum).
     global_batch_size: int = 256
     accumulate_grad_batches: int = 1

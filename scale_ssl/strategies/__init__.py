@@ -2,6 +2,7 @@
 
 from scale_ssl.strategies.base import Strategy
 from scale_ssl.strategies.ddp import ClusterEnvironment, DDPStrategy, LaunchError
+from scale_ssl.strategies.deepspeed import DeepSpeedStrategy
 from scale_ssl.strategies.dp import DPStrategy
 from scale_ssl.strategies.single import SingleDeviceStrategy
 from scale_ssl.strategies.xla import XLAStrategy, launch_xla
@@ -10,6 +11,7 @@ STRATEGIES = {
     "single": SingleDeviceStrategy,
     "ddp": DDPStrategy,
     "dp": DPStrategy,
+    "deepspeed": DeepSpeedStrategy,  # deepspeed is imported only when the engine is built
     "xla": XLAStrategy,  # torch_xla is imported only when it sets up
 }
 
@@ -25,4 +27,4 @@ def build_strategy(strategy, **options) -> Strategy:
     return STRATEGIES[strategy](**options)
 
 
-__all__ = ["DPStrategy", "Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "LaunchError", "XLAStrategy", "launch_xla", "STRATEGIES", "build_strategy"]
+__all__ = ["DeepSpeedStrategy", "DPStrategy", "Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "LaunchError", "XLAStrategy", "launch_xla", "STRATEGIES", "build_strategy"]

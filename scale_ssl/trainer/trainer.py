@@ -237,6 +237,7 @@ class Trainer:
         self._train_source = train_dataloaders
         self._datamodule = datamodule
         self.train_dataloader = None
+        self.strategy.trainer = self  # engines configured from the trainer's settings (DeepSpeed)
         self.wrapped = self.strategy.setup_module(_StepAdapter(module))
         returned = module.configure_optimizers()
         self.optimizers, self.lr_scheduler_configs, self.optimizer_frequencies = parse_optimizer_config(returned)
@@ -820,7 +821,8 @@ class Trainer:
 
     def _restore(self, checkpoint: dict) -> None:
         module = self.module
-        module.load_state_dict(checkpoint["state_dict"])
+        if checkpoint.get("state_dict") is not None:  # None: the strategy's engine loaded the weights
+            module.load_state_dict(checkpoint["state_dict"])
         self.strategy.load_optimizer_states(self.optimizers, checkpoint["optimizer_states"])
         for config, state, count in zip(self.lr_scheduler_configs, checkpoint["lr_scheduler_states"],
                                         checkpoint.get("lr_scheduler_step_counts", [0] * len(self.lr_scheduler_configs))):

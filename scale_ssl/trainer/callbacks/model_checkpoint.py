@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 from scale_ssl.trainer.callback import Callback
 
@@ -106,7 +107,9 @@ class ModelCheckpoint(Callback):
         keep = ranked if self.save_top_k == -1 else ranked[: self.save_top_k]
         for path, _ in ranked[len(keep):]:
             del self.best_k_models[path]
-            if trainer.is_global_zero and os.path.exists(path):
+            if trainer.is_global_zero and os.path.isdir(path):  # a DeepSpeed checkpoint directory
+                shutil.rmtree(path)
+            elif trainer.is_global_zero and os.path.exists(path):
                 os.remove(path)
         self.best_model_path, self.best_model_score = keep[0]
 

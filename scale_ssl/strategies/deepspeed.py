@@ -1,0 +1,263 @@
+"""DeepSpeed: the ZeRO engine (stages 0-3, optional CPU offload) behind the same trainer.
+
+The engine is real: ``deepspeed.initialize`` with a config built from the trainer's settings
+(micro batch per device, gradient accumulation, clipping, bf16) or from a user's
+``ds_config.json``, whose values are checked against those settings (a mismatch is an error, not
+a silent override). Backward and step go through the engine; micro-batches before an
+accumulation boundary are marked with ``set_gradient_accumulation_boundary(False)``, so ZeRO
+reduces gradients once per optimizer step. Checkpoints are DeepSpeed checkpoint *directories*
+(sharded optimizer state) whose ``client_state`` carries our own state (global step, RNG, data
+position, MLflow run id, queues); ``consolidate_checkpoint`` turns one into a plain scale_ssl
+checkpoint for ``load_from_checkpoint`` / feature extraction.
+
+Gathers for global losses use our ``TorchDistributedCollective`` on the same process group.
+On a machine without GPUs DeepSpeed picks its CPU accelerator (gloo): fp32 and bf16 work, fp16
+does not. Pass a torch optimizer (as ``configure_optimizers`` does) so DeepSpeed does not compile
+its own CPU Adam.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
+from scale_ssl.strategies.ddp import DDPStrategy
+
+CHECKPOINT_TAG = "state"
+
+
+class DeepSpeedStrategy(DDPStrategy):
+    """Args:
+        zero_stage: 0, 1, 2 or 3.
+        offload_optimizer / offload_parameters: ZeRO-Offload of optimizer state (stage >= 1) or
+            parameters (stage 3) to CPU memory.
+        config: a DeepSpeed config (dict or path to JSON) to start from; our trainer settings
+            fill what it leaves out and must agree with what it sets.
+        micro_batch_size: per-device batch (the CLI passes the one derived from the global batch).
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, accelerator: str = "auto", zero_stage: int = 2, offload_optimizer: bool = False,
+                 offload_parameters: bool = False, config: dict | str | None = None, micro_batch_size: int | None = None,
+                 timeout_s: float = 1800.0):
+        super().__init__(accelerator=accelerator, timeout_s=timeout_s)
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+        if offload_parameters and zero_stage != 3:
+            raise ValueError("offload_parameters needs zero_stage=3 (only ZeRO-3 partitions parameters)")
+        if offload_optimizer and zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1 (stage 0 keeps no partitioned optimizer state)")
+        self.zero_stage = zero_stage
+        self.offload_optimizer = offload_optimizer
+        self.offload_parameters = offload_parameters
+        self.user_config = _read_config(config)
+        self.micro_batch_size = micro_batch_size
+        self.engine = None
+        self.trainer = None
+        self.bf16 = False
+
+    # -- set-up ----------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        super().setup_environment()  # torchrun/SLURM env -> process group (gloo on CPU)
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        # The engine wraps model and optimizer together: it is built in connect_optimizers.
+        return module.to(self.root_device)
+
+    def connect_optimizers(self, wrapped: nn.Module, optimizers: list):
+        import deepspeed
+
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"strategy=deepspeed trains with exactly one optimizer; configure_optimizers returned {len(optimizers)}"
+            )
+        config = self.build_config()
+        self.bf16 = bool(config.get("bf16", {}).get("enabled"))
+        engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizers[0], config=config,
+                                               dist_init_required=False)
+        if self.bf16:
+            # The engine casts parameters, not buffers; BatchNorm's kernel wants its running
+            # statistics in the input's dtype.
+            for buffer in wrapped.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(torch.bfloat16)
+        self.engine = engine
+        return engine, optimizers
+
+    def build_config(self) -> dict:
+        """Our settings as a DeepSpeed config, merged with (and checked against) the user's."""
+        trainer = self.trainer
+        precision = str(trainer.precision_name) if trainer is not None else "32"
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        clip = trainer.gradient_clip_val if trainer is not None else None
+        if trainer is not None and trainer.gradient_clip_val is not None and trainer.gradient_clip_algorithm != "norm":
+            raise ValueError("strategy=deepspeed clips by global norm only: set trainer.gradient_clip_algorithm=norm")
+        if precision == "16-mixed" and not torch.cuda.is_available():
+            raise ValueError(
+                "trainer.precision='16-mixed' with strategy=deepspeed needs a GPU: DeepSpeed's CPU accelerator has "
+                "no fp16; use 'bf16-mixed' or '32'"
+            )
+        micro = self.micro_batch_size or 1
+        # Before set-up (checking a config) the launcher's WORLD_SIZE is the world to plan for.
+        world = self._collective.world_size if self._collective is not None else int(os.environ.get("WORLD_SIZE", 1))
+        ours: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accumulate,
+            "train_batch_size": micro * accumulate * world,
+            "zero_optimization": {"stage": self.zero_stage},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+            # Any torch optimizer from configure_optimizers (SGD, LARS, ...), not only DeepSpeed's own.
+            "zero_allow_untested_optimizer": True,
+        }
+        if clip is not None:
+            ours["gradient_clipping"] = float(clip)
+        if precision == "bf16-mixed":
+            ours["bf16"] = {"enabled": True}
+        elif precision == "16-mixed":
+            ours["fp16"] = {"enabled": True}
+        if self.offload_optimizer:
+            ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if self.offload_parameters:
+            ours["zero_optimization"]["offload_param"] = {"device": "cpu"}
+        return _merge_checked(self.user_config, ours)
+
+    # -- training --------------------------------------------------------------------------
+    @property
+    def autocast_enabled(self) -> bool:
+        return False  # the engine holds bf16 weights itself
+
+    def no_backward_sync(self, wrapped: nn.Module, enabled: bool):
+        # ZeRO reduces gradients at the accumulation boundary only.
+        self.engine.set_gradient_accumulation_boundary(not enabled)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer already divided the loss by the accumulation count.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def optimizer_step(self, optimizer, closure=None):
+        if closure is not None:
+            raise ValueError("strategy=deepspeed does not run closure-based optimizers (LBFGS)")
+        self.engine.step()
+
+    def clip_gradients(self, optimizer, value: float, algorithm: str) -> None:
+        """Done by the engine (``gradient_clipping`` in its config) on the partitioned gradients."""
+
+    def batch_to_device(self, batch: Any) -> Any:
+        batch = super().batch_to_device(batch)
+        return _cast_floats(batch, torch.bfloat16) if self.bf16 else batch
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict, path: str) -> None:
+        """A DeepSpeed checkpoint directory at ``path``; every rank writes its shards."""
+        client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        client["deepspeed"] = {"zero_stage": self.zero_stage, "world_size": self.world_size}
+        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client)
+        self.barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"strategy=deepspeed resumes from a DeepSpeed checkpoint directory; {path!r} is not one "
+                "(a plain .ckpt file can be loaded with trainer.strategy=single/ddp)"
+            )
+        _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if client is None:
+            raise ValueError(f"{path!r} holds no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
+        client["state_dict"] = None  # the engine has loaded the weights (sharded under ZeRO-3)
+        client["optimizer_states"] = []
+        return client
+
+    def load_optimizer_states(self, optimizers: list, states: list) -> None:
+        """The engine restored the (partitioned) optimizer state in ``load_checkpoint``."""
+
+    def full_state_dict(self, module: nn.Module) -> dict:
+        """The module's complete fp32-or-bf16 state dict on every rank (gathers ZeRO-3 shards)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def consolidate_checkpoint(checkpoint_dir: str, out_path: str) -> str:
+    """DeepSpeed checkpoint directory -> one plain scale_ssl ``.ckpt`` (fp32 weights, our state).
+
+    The weights come from DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (it merges
+    the ZeRO partitions); our client state (hyper-parameters, step, config, MLflow run id) from
+    the engine's model-states file. The result loads with ``<Method>.load_from_checkpoint`` and
+    ``scale-ssl eval``/``export``.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = os.path.join(checkpoint_dir, CHECKPOINT_TAG)
+    if not os.path.isdir(tag_dir):
+        raise FileNotFoundError(f"{checkpoint_dir!r} is not a scale_ssl DeepSpeed checkpoint (no {CHECKPOINT_TAG}/ inside)")
+    weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    # The engine wrapped the trainer's step adapter, whose child is the module.
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+    model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))
+    # Our own checkpoint directory: the client state holds plain types and tensors only.
+    client = torch.load(os.path.join(tag_dir, model_states[0]), map_location="cpu", weights_only=False)
+    ours = {k: v for k, v in client.items() if k in _CLIENT_KEYS}
+    ours.update({"format_version": CHECKPOINT_FORMAT_VERSION, "state_dict": state_dict, "optimizer_states": [],
+                 "lr_scheduler_states": []})
+    save_checkpoint_file(ours, out_path)
+    return out_path
+
+
+_CLIENT_KEYS = ("module_class", "hyper_parameters", "global_step", "epoch", "batch_in_epoch", "world_size",
+                "mlflow_run_id", "config", "callbacks")
+
+
+def _read_config(config: dict | str | None) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config))
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"trainer.deepspeed_config {config!r} does not exist; pass a DeepSpeed JSON config path")
+    with open(config) as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"trainer.deepspeed_config {config!r} is not valid JSON: {err}") from None
+
+
+def _merge_checked(user: dict, ours: dict, prefix: str = "") -> dict:
+    """User values win where they agree with ours; a disagreement is an error naming both."""
+    merged = dict(user)
+    for key, value in ours.items():
+        if key not in user:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(user[key], dict):
+            merged[key] = _merge_checked(user[key], value, f"{prefix}{key}.")
+        elif user[key] != value and key not in ("steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"):
+            raise ValueError(
+                f"DeepSpeed config sets {prefix}{key}={user[key]!r} but the trainer settings give {value!r}; "
+                "change one of them (scale_ssl derives batch sizes, accumulation, clipping and precision from its own config)"
+            )
+    return merged
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, (list, tuple)):
+        cast = [_cast_floats(b, dtype) for b in batch]
+        return tuple(cast) if isinstance(batch, tuple) else cast
+    if isinstance(batch, dict):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    return batch
