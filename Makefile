@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch_xla 2.9 imports only beside torch 2.9, so the XLA tests get their own virtualenv.
+XLA_VENV := .venv-xla
+XLA_PY := $(XLA_VENV)/bin/python
+XLA_STAMP := $(XLA_VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_CONFIG := configs/simclr/fmnist_cpu.yaml
@@ -13,7 +17,7 @@ DEMO_RUN := runs/simclr_fmnist
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-all install data clean
+.PHONY: demo test test-all install xla-install data clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +27,15 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+$(XLA_STAMP): requirements-xla.txt pyproject.toml
+	test -x $(XLA_PY) || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_PY) -m pip install --quiet --upgrade pip
+	$(XLA_PY) -m pip install --quiet -r requirements-xla.txt
+	$(XLA_PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+xla-install: $(XLA_STAMP)
 
 $(FMNIST):
 	$(SUDO) apt-get update -qq
@@ -38,12 +51,14 @@ demo: data
 	$(PY) -m scale_ssl eval knn --ckpt $(DEMO_RUN)/checkpoints/last.ckpt --baselines
 
 # The CI suite: everything but tests marked slow.
-test: install $(FMNIST)
-	$(PY) -m pytest -m "not slow" -q --durations=15
+test: install xla-install $(FMNIST)
+	$(PY) -m pytest -m "not slow and not xla" -q --durations=15
+	$(XLA_PY) -m pytest -m "xla and not slow" tests/xla -q --durations=15
 
 # Everything, including the slow tests.
-test-all: install $(FMNIST)
-	$(PY) -m pytest -q --durations=25
+test-all: install xla-install $(FMNIST)
+	$(PY) -m pytest -m "not xla" -q --durations=25
+	$(XLA_PY) -m pytest -m xla tests/xla -q --durations=25
 
 clean:
-	rm -rf $(VENV) .cache runs data .pytest_cache
+	rm -rf $(VENV) $(XLA_VENV) .cache runs data .pytest_cache

@@ -1,0 +1,132 @@
+"""Entry point of the multi-device XLA:CPU tests: ``python -m tests.xla._replicas SCENARIO IN OUT``.
+
+Runs in its own process (the parent applies a hard timeout, so a hang in a rendezvous is a test
+failure, never a stuck CI job). It installs the test-only sync shim, starts one replica per
+``CPU_NUM_DEVICES`` device with ``launch_xla``, and each replica writes what it computed to
+``OUT/rank{r}.pt``. The parent compares those files with a plain-CPU reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch
+
+from tests.xla import sync_shim
+
+
+def _save(out_dir: str, rank: int, record: dict) -> None:
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().clone()
+
+
+def scenario_nt_xent(strategy, data: dict) -> dict:
+    """Global NT-Xent of a small network on this replica's slice; gradients after the strategy's
+    reduction; the loss graph's hash (must be the same program on every replica)."""
+    import torch_xla
+    import torch_xla.debug.metrics as met
+
+    from scale_ssl.losses import NTXentLoss
+    from tests.xla.models import TinyEncoderHead
+
+    rank, world = strategy.global_rank, strategy.world_size
+    model = TinyEncoderHead()
+    model.load_state_dict(data["state"])
+    model = strategy.setup_module(model)
+    x1, x2 = data["x1"], data["x2"]
+    b = x1.shape[0] // world
+    device = strategy.root_device
+    x1, x2 = x1[rank * b:(rank + 1) * b].to(device), x2[rank * b:(rank + 1) * b].to(device)
+    loss = NTXentLoss(0.5, collective=strategy.collective)(model(x1), model(x2))
+    graph_hash = torch_xla._XLAC._get_graph_hash([loss])
+    strategy.backward(loss)
+    torch_xla.sync()
+    mean_loss = strategy.reduce(loss.detach(), op="mean")
+    return {
+        "loss": _cpu(loss), "mean_loss": _cpu(mean_loss), "graph_hash": graph_hash,
+        "grads": {n: _cpu(p.grad) for n, p in model.named_parameters()},
+        "compiles": met.counter_value("UncachedCompile"),
+    }
+
+
+def scenario_sinkhorn(strategy, data: dict) -> dict:
+    import torch_xla
+
+    from scale_ssl.losses.sinkhorn import distributed_sinkhorn
+
+    rank, world = strategy.global_rank, strategy.world_size
+    scores = data["scores"]
+    b = scores.shape[0] // world
+    q = distributed_sinkhorn(scores[rank * b:(rank + 1) * b].to(strategy.root_device), iterations=3,
+                             epsilon=0.05, collective=strategy.collective)
+    torch_xla.sync()
+    return {"q": _cpu(q)}
+
+
+def scenario_trainer(strategy, data: dict) -> dict:
+    """SimCLR (global BN) through the whole Trainer for a few steps on this replica's slices."""
+    import torch_xla.debug.metrics as met
+
+    from scale_ssl.methods import SimCLR
+    from scale_ssl.trainer import Callback, Trainer
+
+    rank, world = strategy.global_rank, strategy.world_size
+    model = SimCLR(**data["hparams"])
+    model.load_state_dict(data["state"])
+    b = data["batches"][0][0][0].shape[0] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    batches = [((x1[sl], x2[sl]), y[sl]) for (x1, x2), y in data["batches"]]
+
+    class Record(Callback):
+        def __init__(self):
+            self.states, self.compiles = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.states.append({k: _cpu(v) for k, v in module.state_dict().items()})
+            self.compiles.append(met.counter_value("UncachedCompile") or 0)
+
+    record = Record()
+    trainer = Trainer(strategy=strategy, max_steps=len(batches), logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, log_every_n_steps=1, callbacks=[record])
+    trainer.fit(model, batches)
+    return {"states": record.states, "compiles": record.compiles,
+            "losses": [h["train/loss"] for h in trainer.history]}
+
+
+SCENARIOS = {"nt_xent": scenario_nt_xent, "sinkhorn": scenario_sinkhorn, "trainer": scenario_trainer}
+
+
+def replica(scenario: str, in_path: str, out_dir: str) -> None:
+    from scale_ssl.strategies import XLAStrategy
+
+    # torch_xla.launch runs this in a fresh (spawned) process: install the shim here, in the
+    # replica, not only in the launching process.
+    sync_shim.install()
+    rank = -1
+    try:
+        data = torch.load(in_path, weights_only=False)
+        strategy = XLAStrategy(sync_batchnorm=data.get("sync_batchnorm", False))
+        strategy.setup_environment()
+        rank = strategy.global_rank
+        result = SCENARIOS[scenario](strategy, data)
+        _save(out_dir, rank, {"ok": True, "rank": rank, "world": strategy.world_size, **result})
+    except BaseException:
+        _save(out_dir, rank if rank >= 0 else 999, {"ok": False, "error": traceback.format_exc()})
+        raise
+
+
+def main() -> None:
+    scenario, in_path, out_dir = sys.argv[1:4]
+    torch.set_num_threads(1)
+    from scale_ssl.strategies import launch_xla
+
+    launch_xla(replica, scenario, in_path, out_dir)
+
+
+if __name__ == "__main__":
+    main()

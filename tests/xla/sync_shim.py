@@ -1,0 +1,86 @@
+"""TEST-ONLY: a thread-safe ``torch_xla.sync`` for several XLA:CPU devices in one process.
+
+Never import this from the package. On a TPU pod every process owns its chips and none of this
+applies; it exists because torch_xla 2.9 runs XLA:CPU replicas as threads of one process, and
+there out of the box every collective hangs (pytorch/xla#9089; ``../shared/XLA.md``):
+
+1. each thread compiles the step separately, and XLA:CPU then gives each copy's collective its
+   own op id, so the replicas never meet in the rendezvous;
+2. ``torch_xla.sync`` drops the device's all-reduce token, and freeing it blocks while holding
+   the GIL, so the other device threads cannot dispatch their half of the collective.
+
+The replacement (installed process-wide; it serves every device thread):
+* waits for this device's previous step first (the wait releases the GIL), then for every other
+  device thread to get that far (a step is dispatched only when all replicas are ready for it);
+* traces, compiles and dispatches the step under one process-wide lock, so the replicas after the
+  first hit the first one's compile cache and run the *same* executable;
+* keeps the old all-reduce token referenced until this device's next sync, when its work is done
+  and dropping it no longer blocks;
+* waits (GIL released) for the dispatched step to finish before returning, so no replica blocks
+  in a device wait with the GIL held while the step waits in the rendezvous for the others.
+The price is that a sync no longer overlaps the next step's tracing: fine for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import torch_xla
+import torch_xla.core.xla_model as xm
+
+_LOCK = threading.Lock()
+_OLD_TOKENS: dict[str, object] = {}
+_original_sync = torch_xla.sync
+# Replicas dispatch a step only once every replica's earlier work (e.g. parameter transfers) has
+# finished; otherwise on 2 cores the first replicas' collectives, blocked in the rendezvous, can
+# occupy the execution threads the others' transfers are queued behind. A replica that never comes
+# breaks the barrier after this long (an error, not a hang).
+_READY: threading.Barrier | None = None
+_READY_TIMEOUT_S = 120.0
+
+
+def _threaded_sync(wait: bool = False, reset_scope: bool = True) -> None:
+    C = torch_xla._XLAC
+    device = C._xla_get_default_device()
+    _trace(device, "sync: waiting for previous step")
+    real_devices = C._xla_real_devices([device])  # the wait wants "CPU:1", not "xla:1"
+    C._xla_wait_device_ops(devices=real_devices)
+    _all_replicas_ready().wait()
+    _trace(device, "sync: all replicas ready")
+    with _LOCK:
+        _trace(device, "sync: dispatching")
+        C._xla_step_marker(device, [], wait=wait, reset_scope=reset_scope)
+        _trace(device, "sync: dispatched")
+        xm._run_step_closures()
+        _OLD_TOKENS[device] = C._get_all_reduce_token(device)
+        C._set_all_reduce_token(device, None)
+    # ...and wait for it, GIL released, before returning to Python: anything the replica does next
+    # that waits on the device (a host-to-device transfer queues behind the running step) would
+    # otherwise block with the GIL held while the step sits in the rendezvous for the others.
+    C._xla_wait_device_ops(devices=real_devices)
+    _trace(device, "sync: done")
+
+
+def _all_replicas_ready() -> threading.Barrier:
+    global _READY
+    with _LOCK:
+        if _READY is None:
+            _READY = threading.Barrier(torch_xla._XLAC._xla_num_devices(), timeout=_READY_TIMEOUT_S)
+        return _READY
+
+
+def _trace(device: str, what: str) -> None:
+    if os.environ.get("SCALE_SSL_SHIM_TRACE"):
+        print(f"{time.monotonic():.3f} {device} {what}", file=sys.stderr, flush=True)
+
+
+def install() -> None:
+    """Replace ``torch_xla.sync`` (and so ``xm.mark_step``) in this process."""
+    torch_xla.sync = _threaded_sync
+
+
+def uninstall() -> None:
+    torch_xla.sync = _original_sync
