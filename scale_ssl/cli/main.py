@@ -42,6 +42,30 @@ def _parser() -> argparse.ArgumentParser:
     knn.add_argument("--config", default=None, help="config (default: the one stored in the checkpoint)")
     knn.add_argument("--baselines", action="store_true", help="also score raw pixels and a random-init encoder")
     knn.add_argument("overrides", nargs="*", help="dotted overrides such as eval.knn_k=20")
+    for mode, help_text in (("linear", "train a linear head on the frozen encoder; top-1/top-5 on the test split"),
+                            ("finetune", "fine-tune the whole network (encoder at a lower lr); top-1/top-5 on the test split")):
+        cls = ev_sub.add_parser(mode, help=help_text)
+        cls.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit")
+        cls.add_argument("--config", default=None, help="config (default: the one stored in the checkpoint)")
+        cls.add_argument("--num_epochs", type=int, default=None, help="epochs over the training split")
+        cls.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+        cls.add_argument("--batch_size", type=int, default=None, help="global batch (default: trainer.global_batch_size)")
+        cls.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd")
+        cls.add_argument("--learning_rate", type=float, default=0.1 if mode == "linear" else 0.3, help="peak lr (cosine decay)")
+        cls.add_argument("--momentum", type=float, default=0.9)
+        cls.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+        cls.add_argument("--weight_decay", type=float, default=0.0 if mode == "linear" else 1e-6)
+        cls.add_argument("--crop_min_scale", type=float, default=0.08, help="random resized crop area range is [this, 1]")
+        if mode == "finetune":
+            cls.add_argument("--encoder_learning_rate", type=float, default=None, help="encoder peak lr (default: learning_rate / 10)")
+            cls.add_argument("--hidden_dim", type=int, default=None, help="MLP head with this hidden width (e.g. 1024); default linear")
+            cls.add_argument("--dropout", type=float, default=0.0)
+        cls.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.strategy=single")
+
+    export = sub.add_parser("export", help="write the pretrained encoder as a torchvision-loadable state dict")
+    export.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit")
+    export.add_argument("--out", required=True, help="output file, e.g. encoder.pt (a .json description goes beside it)")
+    export.add_argument("--method", default=None, help="fail unless the checkpoint holds this method (e.g. simclr)")
     return parser
 
 
@@ -61,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             from scale_ssl.cli.evaluate import run_knn_eval
 
             run_knn_eval(args)
+        elif args.command == "eval" and args.eval_command in ("linear", "finetune"):
+            from scale_ssl.cli.classifier_eval import run_classifier_eval
+
+            run_classifier_eval(args, args.eval_command)
+        elif args.command == "export":
+            from scale_ssl.cli.export import run_export
+
+            run_export(args)
     except (ConfigError, LaunchError, FileNotFoundError, FileExistsError, ValueError) as err:
         if os.environ.get("SCALE_SSL_TRACEBACK"):
             raise
