@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.data import ShardedImageStream
 from scale_ssl.methods import METHODS
+from scale_ssl.optim import OptimRecipe, effective_lr
 from scale_ssl.strategies import build_strategy
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer import Trainer
@@ -89,6 +90,8 @@ def run_fit(config: DictConfig):
     method_figures = getattr(METHODS[config.method], "derived_run_figures", None)
     if method_figures is not None:
         resolved["derived"].update(method_figures(resolved["model"], t.global_batch_size // t.accumulate_grad_batches))
+    if resolved.get("optim"):
+        resolved["derived"]["effective_lr"] = effective_lr(resolved["optim"].get("lr", 1e-3), t.global_batch_size)
     logger = False
     if config.tracking.enabled:
         logger = MLflowLogger(
@@ -113,6 +116,7 @@ def run_fit(config: DictConfig):
         seed=t.seed,
         logger=logger,
         run_config=resolved,
+        optim_recipe=OptimRecipe(resolved["optim"], t.global_batch_size) if resolved.get("optim") else None,
     )
     if strategy.is_global_zero:
         d = resolved["derived"]

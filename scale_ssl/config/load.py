@@ -96,6 +96,13 @@ def validate_config(config: DictConfig) -> None:
         if d[key] < 0:
             raise ConfigError(f"data.{key} must be >= 0, got {d[key]}")
     check_kwargs(METHODS[config.method], OmegaConf.to_container(config.model, resolve=True), section="model")
+    if config.optim is not None:
+        from scale_ssl.optim import OptimRecipe, RecipeError
+
+        try:
+            OptimRecipe(OmegaConf.to_container(config.optim, resolve=True), t.global_batch_size)
+        except RecipeError as err:
+            raise ConfigError(str(err)) from None
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: int) -> int:

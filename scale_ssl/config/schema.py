@@ -86,6 +86,25 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The scale a config is written for, so ``scale-ssl plan`` and the tests can check it
+    without launching. Training itself reads none of these (the launcher sets the world)."""
+
+    # Ranks (GPUs, or XLA devices: a TPU v3 core, a TPU v4 chip) the config is meant to run on.
+    world_size: Optional[int] = None
+    devices_per_node: Optional[int] = None
+    # Training samples, for steps per epoch when the shard index is not reachable from here.
+    num_samples: Optional[int] = None
+    # How model.learning_rate follows from the global batch B: "linear" (base x B / base_batch_size),
+    # "sqrt" (base x sqrt(B)), or null (no rule stated: the lr is taken as written).
+    lr_rule: Optional[str] = None
+    base_learning_rate: Optional[float] = None
+    base_batch_size: int = 256
+    # Memory of one device, to say whether the per-device estimate fits.
+    device_memory_gb: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
     method: str = "simclr"
     model: Dict[str, Any] = field(default_factory=dict)
@@ -93,3 +112,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    # An optimization recipe (scale_ssl/optim/recipe.py) that replaces the method's own
+    # configure_optimizers: optimizer and schedule by name, parameter groups, lr scaling, SWA.
+    optim: Optional[Dict[str, Any]] = None

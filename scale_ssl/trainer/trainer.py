@@ -99,6 +99,7 @@ class Trainer:
         seed: int | None = 0,
         deterministic: bool = False,
         run_config: dict | None = None,
+        optim_recipe: Any = None,
         strategy_options: dict | None = None,
     ):
         _check_int("trainer.max_steps", max_steps, minimum=-1)
@@ -162,6 +163,8 @@ class Trainer:
         self.seed = seed
         self.deterministic = deterministic
         self.run_config = run_config
+        self.optim_recipe = optim_recipe
+        self.recipe = None
 
         self.global_step = 0
         self.current_epoch = 0
@@ -239,7 +242,7 @@ class Trainer:
         self.train_dataloader = None
         self.strategy.trainer = self  # engines configured from the trainer's settings (DeepSpeed)
         self.wrapped = self.strategy.setup_module(_StepAdapter(module))
-        returned = module.configure_optimizers()
+        returned = self._recipe_optimizers(module) if self.optim_recipe is not None else module.configure_optimizers()
         self.optimizers, self.lr_scheduler_configs, self.optimizer_frequencies = parse_optimizer_config(returned)
         self.wrapped, self.optimizers = self.strategy.connect_optimizers(self.wrapped, self.optimizers)
         self.wrapped_optimizers = [WrappedOptimizer(opt, self, i) for i, opt in enumerate(self.optimizers)]
@@ -256,6 +259,8 @@ class Trainer:
         self.logger = self._build_logger(checkpoint)
         if self.logger is not None and checkpoint is None:
             self.logger.log_hyperparams(self._params_to_log(module))
+            if self.recipe is not None:
+                self.logger.log_metrics({"effective_lr": self.recipe.effective_lr}, step=0)
             if self.run_config is not None:
                 self.logger.log_dict(self.run_config, "config/resolved_config.yaml")
 
@@ -371,6 +376,22 @@ class Trainer:
         if isinstance(given, (list, tuple)) and given and _is_loader(given[0]):
             return list(given)
         return [given]
+
+    def _recipe_optimizers(self, module: SSLModule):
+        """The config's ``optim`` recipe replaces the method's own ``configure_optimizers``."""
+        from scale_ssl.trainer.callbacks import FreezeParameters, StochasticWeightAveraging
+
+        built = self.optim_recipe.build(module, self.steps_per_epoch, self.estimated_stepping_batches)
+        self.recipe = built
+        if built.frozen:
+            self.callbacks.append(FreezeParameters(built.frozen))
+        swa = self.optim_recipe.swa
+        if swa is not None:
+            self.callbacks.append(StochasticWeightAveraging(swa_lrs=swa["lr"], swa_epoch_start=swa.get("start_epoch", 0.8),
+                                                            annealing_epochs=swa.get("anneal_epochs", 10)))
+        if built.scheduler_config is None:
+            return built.optimizer
+        return {"optimizer": built.optimizer, "lr_scheduler": built.scheduler_config}
 
     def _check_optimization_mode(self, module: SSLModule) -> None:
         if module.automatic_optimization:

@@ -1,0 +1,286 @@
+"""An optimization recipe from the config: optimizer, parameter groups, schedule, lr scaling.
+
+SSL papers differ mostly in their recipe, so a run can switch it from YAML without code::
+
+    optim:
+      optimizer: {name: LARS, momentum: 0.9, weight_decay: 1.0e-6}
+      lr: {base: 0.3, scale: linear, reference_batch: 256}     # -> base x global_batch / 256
+      exclude_bn_bias: true                                     # biases/norm weights: no decay, no LARS
+      param_groups:
+        - {pattern: "projection.*", lr_scale: 10.0}
+        - {pattern: "prototypes*", freeze_epochs: 1}
+      lr_scheduler: {name: warmup_cosine, warmup: {epochs: 10}, start_lr: 0.0, final_lr: 0.0}
+      swa: {start_epoch: 80, lr: 0.05, anneal_epochs: 5}
+
+* ``optimizer.name`` is any ``torch.optim`` optimizer or ``LARS``; its keyword arguments are
+  checked against the constructor's signature.
+* ``lr`` is a number, or ``{base, scale: linear|sqrt|none, reference_batch}``: the effective lr
+  is computed from the **global** batch (never the per-device batch, solo-learn #262).
+* ``param_groups`` select parameters by ``fnmatch`` patterns on their names, first match wins;
+  options: ``lr`` (absolute) or ``lr_scale``, ``weight_decay``, any optimizer option, and
+  ``freeze_epochs`` (gradients zeroed while ``epoch < freeze_epochs``). A pattern matching no
+  parameter is an error; every trainable parameter lands in exactly one group.
+* ``lr_scheduler.name`` is ``warmup_cosine``, ``constant``, or any ``torch.optim.lr_scheduler``
+  class (``SequentialLR``/``ChainedScheduler`` take ``schedulers: [...]``). A length written as
+  ``{epochs: n}`` or ``{steps: n}`` is converted into the scheduler's ``interval`` unit with the
+  stream's real steps per epoch; ``total_steps: auto`` means the whole fit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from scale_ssl.optim.lars import LARS
+from scale_ssl.optim.warmup_cosine import WarmupCosineSchedule
+
+LR_SCALES = ("linear", "sqrt", "none")
+_RECIPE_KEYS = {"optimizer", "lr", "exclude_bn_bias", "param_groups", "lr_scheduler", "swa"}
+_GROUP_KEYS_OURS = {"pattern", "lr_scale", "freeze_epochs"}
+
+
+class RecipeError(ValueError):
+    """A bad ``optim`` config value; the message names the key and the fix."""
+
+
+def optimizer_classes() -> dict[str, type]:
+    classes = {
+        name: obj
+        for name, obj in vars(torch.optim).items()
+        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
+    }
+    classes["LARS"] = LARS
+    return classes
+
+
+def scheduler_classes() -> dict[str, type]:
+    module = torch.optim.lr_scheduler
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if inspect.isclass(obj) and (issubclass(obj, module.LRScheduler) or obj is module.ReduceLROnPlateau)
+        and not name.startswith("_") and obj is not module.LRScheduler
+    }
+
+
+def effective_lr(lr: float | dict, global_batch: int) -> float:
+    """``base x global_batch / reference_batch`` (linear), its square root (sqrt), or ``base``."""
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return float(lr)
+    if not isinstance(lr, dict) or "base" not in lr:
+        raise RecipeError(f"optim.lr must be a number or {{base, scale, reference_batch}}, got {lr!r}")
+    unknown = set(lr) - {"base", "scale", "reference_batch"}
+    if unknown:
+        raise RecipeError(f"optim.lr has unknown keys {sorted(unknown)}; valid: base, scale, reference_batch")
+    scale = lr.get("scale", "linear")
+    if scale not in LR_SCALES:
+        raise RecipeError(f"optim.lr.scale={scale!r}; use one of {LR_SCALES}")
+    reference = lr.get("reference_batch", 256)
+    if not isinstance(reference, int) or reference < 1:
+        raise RecipeError(f"optim.lr.reference_batch must be an int >= 1, got {reference!r}")
+    ratio = global_batch / reference
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scale]
+    return float(lr["base"]) * factor
+
+
+def check_kwargs(owner: str, cls: type, kwargs: dict, allowed_extra: set[str] = frozenset()) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    valid = {n for n, p in params.items() if n not in ("self", "params", "optimizer") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = set(kwargs) - valid - set(allowed_extra)
+    if unknown:
+        raise RecipeError(
+            f"{owner}: {cls.__name__} has no argument(s) {sorted(unknown)}; valid arguments: {', '.join(sorted(valid))}"
+        )
+
+
+@dataclass
+class BuiltRecipe:
+    optimizer: torch.optim.Optimizer
+    scheduler_config: dict | None
+    effective_lr: float
+    frozen: list[tuple[list[torch.nn.Parameter], int]] = field(default_factory=list)
+    groups: list[dict] = field(default_factory=list)  # name, size, lr, weight_decay per group
+
+
+class OptimRecipe:
+    """Validated at construction (no module needed); ``build`` makes the optimizer/scheduler."""
+
+    def __init__(self, config: dict, global_batch_size: int):
+        if not isinstance(config, dict):
+            raise RecipeError(f"optim must be a mapping, got {type(config).__name__}")
+        unknown = set(config) - _RECIPE_KEYS
+        if unknown:
+            raise RecipeError(f"optim has unknown keys {sorted(unknown)}; valid keys: {sorted(_RECIPE_KEYS)}")
+        self.config = config
+        optimizer = dict(config.get("optimizer") or {})
+        if "name" not in optimizer:
+            raise RecipeError("optim.optimizer.name is required, e.g. optim.optimizer.name=SGD (any torch.optim optimizer or LARS)")
+        name = optimizer.pop("name")
+        classes = optimizer_classes()
+        if name not in classes:
+            raise RecipeError(f"optim.optimizer.name={name!r} is not an optimizer; use one of {', '.join(sorted(classes))}")
+        if "lr" in optimizer:
+            raise RecipeError("give the learning rate as optim.lr (a number or {base, scale, reference_batch}), not optim.optimizer.lr")
+        check_kwargs("optim.optimizer", classes[name], optimizer)
+        self.optimizer_cls, self.optimizer_kwargs = classes[name], optimizer
+        self.global_batch_size = global_batch_size
+        self.lr = effective_lr(config.get("lr", 1e-3), global_batch_size)
+        self.groups = list(config.get("param_groups") or [])
+        for i, group in enumerate(self.groups):
+            if "pattern" not in group:
+                raise RecipeError(f"optim.param_groups[{i}] needs a 'pattern' (fnmatch on parameter names, e.g. 'projection.*')")
+            check_kwargs(f"optim.param_groups[{i}]", self.optimizer_cls,
+                         {k: v for k, v in group.items() if k not in _GROUP_KEYS_OURS and k not in ("lr", "weight_decay", "lars_adaptation")})
+        scheduler = dict(config.get("lr_scheduler") or {"name": "constant"})
+        self.interval = scheduler.pop("interval", "step")
+        if self.interval not in ("step", "epoch"):
+            raise RecipeError(f"optim.lr_scheduler.interval={self.interval!r}; use 'step' or 'epoch'")
+        self.frequency = scheduler.pop("frequency", 1)
+        self.monitor = scheduler.pop("monitor", None)
+        self.scheduler_spec = scheduler
+        _check_scheduler_spec(scheduler, "optim.lr_scheduler")
+        self.swa = config.get("swa")
+        if self.swa is not None:
+            unknown = set(self.swa) - {"start_epoch", "lr", "anneal_epochs"}
+            if unknown or "lr" not in self.swa:
+                raise RecipeError("optim.swa takes {start_epoch, lr, anneal_epochs} and needs lr")
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self, module: torch.nn.Module, steps_per_epoch: int | None, total_steps: int) -> BuiltRecipe:
+        groups, frozen, described = self._param_groups(module)
+        optimizer = self.optimizer_cls(groups, lr=self.lr, **self.optimizer_kwargs)
+        scheduler = self._scheduler(self.scheduler_spec, optimizer, steps_per_epoch, total_steps, "optim.lr_scheduler")
+        config = None
+        if scheduler is not None:
+            config = {"scheduler": scheduler, "interval": self.interval, "frequency": self.frequency, "name": "lr"}
+            if self.monitor is not None:
+                config["monitor"] = self.monitor
+        return BuiltRecipe(optimizer, config, self.lr, frozen, described)
+
+    def _param_groups(self, module):
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        assigned: dict[str, int] = {}
+        for i, group in enumerate(self.groups):
+            matched = [n for n, _ in named if n not in assigned and fnmatch.fnmatch(n, group["pattern"])]
+            if not matched:
+                names = ", ".join(n for n, _ in named[:8])
+                raise RecipeError(
+                    f"optim.param_groups[{i}].pattern={group['pattern']!r} matches no trainable parameter "
+                    f"(left unassigned); parameter names look like: {names}, ..."
+                )
+            for n in matched:
+                assigned[n] = i
+        exclude = bool(self.config.get("exclude_bn_bias", False))
+        base_decay = self.optimizer_kwargs.get("weight_decay", 0.0)
+        out, frozen, described = [], [], []
+        for i, group in enumerate(self.groups):
+            params = [p for n, p in named if assigned.get(n) == i]
+            options = {k: v for k, v in group.items() if k not in _GROUP_KEYS_OURS}
+            if "lr_scale" in group:
+                options["lr"] = self.lr * float(group["lr_scale"])
+            out.append({"params": params, **options})
+            described.append({"name": group["pattern"], "size": sum(p.numel() for p in params),
+                              "lr": options.get("lr", self.lr), "weight_decay": options.get("weight_decay", base_decay)})
+            if group.get("freeze_epochs"):
+                frozen.append((params, int(group["freeze_epochs"])))
+        rest = [(n, p) for n, p in named if n not in assigned]
+        if exclude:
+            no_decay = [p for n, p in rest if p.ndim <= 1 or "bias" in n or "bn" in n]
+            decay = [p for n, p in rest if not (p.ndim <= 1 or "bias" in n or "bn" in n)]
+            if decay:
+                out.append({"params": decay})
+                described.append({"name": "default", "size": sum(p.numel() for p in decay), "lr": self.lr, "weight_decay": base_decay})
+            if no_decay:
+                out.append({"params": no_decay, "weight_decay": 0.0, "lars_adaptation": False})
+                described.append({"name": "bias_and_norm", "size": sum(p.numel() for p in no_decay), "lr": self.lr, "weight_decay": 0.0})
+        elif rest:
+            out.append({"params": [p for _, p in rest]})
+            described.append({"name": "default", "size": sum(p.numel() for _, p in rest), "lr": self.lr, "weight_decay": base_decay})
+        return out, frozen, described
+
+    def _scheduler(self, spec: dict, optimizer, steps_per_epoch, total_steps, where: str):
+        spec = dict(spec)
+        name = spec.pop("name")
+        per_unit = self._units(steps_per_epoch, total_steps, where)
+        if name == "constant":
+            return None
+        if name == "warmup_cosine":
+            warmup = per_unit(spec.pop("warmup", {"steps": 0}), "warmup")
+            total = per_unit(spec.pop("total", "auto"), "total")
+            return WarmupCosineSchedule(optimizer, min(warmup, total), total, **spec)
+        cls = scheduler_classes()[name]
+        if name in ("SequentialLR", "ChainedScheduler"):
+            children = [self._scheduler(child, optimizer, steps_per_epoch, total_steps, f"{where}.schedulers[{i}]")
+                        for i, child in enumerate(spec.pop("schedulers"))]
+            if name == "SequentialLR":
+                spec["milestones"] = [per_unit(m, "milestones") for m in spec.get("milestones", [])]
+                return cls(optimizer, children, **spec)
+            return cls(children, optimizer=optimizer)
+        if name == "LambdaLR":
+            rule = spec.pop("rule", "constant")
+            spec["lr_lambda"] = _NAMED_LAMBDAS[rule]
+        converted = {k: per_unit(v, k) for k, v in spec.items()}
+        return cls(optimizer, **converted)
+
+    def _units(self, steps_per_epoch, total_steps, where):
+        def convert(value, key):
+            if value == "auto":
+                return total_steps if self.interval == "step" else max(1, total_steps // max(steps_per_epoch or 1, 1))
+            if isinstance(value, dict) and set(value) <= {"epochs", "steps"} and len(value) == 1:
+                if "epochs" in value:
+                    if self.interval == "epoch":
+                        return int(value["epochs"])
+                    if not steps_per_epoch:
+                        raise RecipeError(f"{where}.{key}: a length in epochs needs a training stream with a length")
+                    return int(round(value["epochs"] * steps_per_epoch))
+                if self.interval == "step":
+                    return int(value["steps"])
+                raise RecipeError(f"{where}.{key}: a length in steps needs optim.lr_scheduler.interval=step")
+            return value
+
+        return convert
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+_NAMED_LAMBDAS = {"constant": _constant}
+
+
+def _check_scheduler_spec(spec: dict, where: str) -> None:
+    name = spec.get("name")
+    if name is None:
+        raise RecipeError(f"{where}.name is required (warmup_cosine, constant, or a torch.optim.lr_scheduler class)")
+    if name in ("constant",):
+        if set(spec) - {"name"}:
+            raise RecipeError(f"{where}: 'constant' takes no arguments")
+        return
+    if name == "warmup_cosine":
+        unknown = set(spec) - {"name", "warmup", "total", "start_lr", "final_lr"}
+        if unknown:
+            raise RecipeError(f"{where}: warmup_cosine has no argument(s) {sorted(unknown)}; valid: warmup, total, start_lr, final_lr")
+        return
+    classes = scheduler_classes()
+    if name not in classes:
+        raise RecipeError(f"{where}.name={name!r} is not a scheduler; use warmup_cosine, constant or one of {', '.join(sorted(classes))}")
+    args = {k: v for k, v in spec.items() if k != "name"}
+    if name == "LambdaLR":
+        rule = args.pop("rule", "constant")
+        if rule not in _NAMED_LAMBDAS:
+            raise RecipeError(f"{where}.rule={rule!r}; named LambdaLR rules: {sorted(_NAMED_LAMBDAS)}")
+        return
+    if name in ("SequentialLR", "ChainedScheduler"):
+        children = args.pop("schedulers", None)
+        if not children:
+            raise RecipeError(f"{where}: {name} needs 'schedulers: [...]'")
+        for i, child in enumerate(children):
+            _check_scheduler_spec(dict(child), f"{where}.schedulers[{i}]")
+        check_kwargs(where, classes[name], args, allowed_extra={"schedulers"})
+        return
+    check_kwargs(where, classes[name], args)
