@@ -157,3 +157,17 @@ def test_queue_length_not_a_multiple_of_the_global_batch_fails_at_the_first_step
     model = make_swav(queue_length=12, epoch_queue_starts=0)
     with pytest.raises(ValueError, match="queue_length=12 is not divisible by the global batch 8"):
         quiet_trainer("single", 1).fit(model, make_batches(1))
+
+
+def test_cli_reports_a_queue_that_does_not_divide_the_global_batch(fmnist_shards, tmp_path, capsys):
+    from scale_ssl.cli.main import EXIT_BAD_INPUT, main
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "swav", "fmnist_cpu.yaml")
+    code = main(["fit", "--config", config, "trainer.strategy=single", "trainer.global_batch_size=64",
+                 f"trainer.default_root_dir={tmp_path}", f"data.train_shards={fmnist_shards}/train",
+                 f"data.val_shards={fmnist_shards}/test", "data.num_workers=0", "tracking.enabled=false",
+                 "model.queue_length=1000"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_BAD_INPUT, err
+    assert err.startswith("scale-ssl: error: ") and len(err.splitlines()) == 1
+    assert "model.queue_length=1000 is not divisible by trainer.global_batch_size=64" in err
