@@ -150,6 +150,26 @@ class OptimRecipe:
             if unknown or "lr" not in self.swa:
                 raise RecipeError("optim.swa takes {start_epoch, lr, anneal_epochs} and needs lr")
 
+    # -- describing ----------------------------------------------------------------------------
+    @staticmethod
+    def describe(built: "BuiltRecipe") -> str:
+        """A table of the groups: size, weight decay, and lr at step 0 / end of warmup / end."""
+        scheduler = (built.scheduler_config or {}).get("scheduler")
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        warmup = getattr(scheduler, "warmup_steps", None)
+        total = getattr(scheduler, "total_steps", None)
+        lines = [f"optimization recipe: {type(built.optimizer).__name__}, effective lr {built.effective_lr:g} "
+                 f"(from the global batch), schedule {type(scheduler).__name__ if scheduler else 'constant'}"]
+        for i, (group, info) in enumerate(zip(built.optimizer.param_groups, built.groups)):
+            base = group.get("initial_lr", group["lr"])
+            if lambdas is not None and warmup is not None and total is not None:
+                at = [base * lambdas[i](step) for step in (0, warmup, total)]
+                lrs = f"lr {at[0]:.4g} @0 -> {at[1]:.4g} @{warmup} -> {at[2]:.4g} @{total}"
+            else:
+                lrs = f"lr {group['lr']:.4g} @0"
+            lines.append(f"  group {info['name']:<16} {info['size']:>10,} params  wd {info['weight_decay']:g}  {lrs}")
+        return "\n".join(lines)
+
     # -- building ------------------------------------------------------------------------------
     def build(self, module: torch.nn.Module, steps_per_epoch: int | None, total_steps: int) -> BuiltRecipe:
         groups, frozen, described = self._param_groups(module)

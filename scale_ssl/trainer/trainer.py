@@ -383,6 +383,8 @@ class Trainer:
 
         built = self.optim_recipe.build(module, self.steps_per_epoch, self.estimated_stepping_batches)
         self.recipe = built
+        if self.is_global_zero and self.enable_progress_bar:
+            print(self.optim_recipe.describe(built), flush=True)
         if built.frozen:
             self.callbacks.append(FreezeParameters(built.frozen))
         swa = self.optim_recipe.swa
