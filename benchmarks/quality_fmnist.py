@@ -1,0 +1,239 @@
+"""Representation quality on Fashion-MNIST: every SSL method against raw pixels, a random-init
+encoder and a supervised encoder of the same architecture and budget. Slow, not in CI.
+
+For each method of ``--methods`` (configs ``configs/<method>/fmnist_cpu.yaml``: resnet10, 1-channel
+28 px stem, global batch 256, bf16 autocast), in one process on this machine's cores:
+
+1. calibrate: time a few steps, then set ``max_steps`` so pretraining fits ``--budget-minutes``
+   (the warmup-cosine schedule then spans the real run, not a run cut short);
+2. pretrain (trainer ``single``; the data stream and losses are the distributed ones at world 1);
+3. kNN top-1 (k=200, T=0.1, cosine, weighted; bank = the 60k train split, scored = the 10k test
+   split) and a linear probe (top-1/top-5): a linear head trained through our ``Trainer`` on the
+   frozen encoder's features of the train split, precomputed once without augmentation (SGD,
+   momentum 0.9, cosine, ``--linear-epochs``). Precomputing is what makes a probe affordable on a
+   CPU; ``scale-ssl eval linear`` is the augmented protocol.
+
+Baselines: raw pixels (kNN and linear on the 784 normalised pixels), a randomly initialised
+encoder, and a supervised encoder (the same arch trained with labels for the same budget, crop +
+flip augmentation, then probed the same way).
+
+    .venv/bin/python benchmarks/quality_fmnist.py                 # the table (about 1.5 h)
+    .venv/bin/python benchmarks/quality_fmnist.py --smoke          # end to end in a few minutes
+
+Writes ``<out>/results.json`` and prints the Markdown table for ``docs/BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from scale_ssl import Trainer  # noqa: E402
+from scale_ssl.cli.fit import build_train_stream  # noqa: E402
+from scale_ssl.config import load_config  # noqa: E402
+from scale_ssl.data import EvalTransform, ShardedImageStream, make_fashion_mnist_shards  # noqa: E402
+from scale_ssl.data.supervised_transform import ClassifierTrainTransform  # noqa: E402
+from scale_ssl.eval import EncoderClassifier, EvalSplit, extract_features, knn_accuracy, raw_pixel_features  # noqa: E402
+from scale_ssl.methods import METHODS  # noqa: E402
+from scale_ssl.models import build_resnet_encoder  # noqa: E402
+from scale_ssl.strategies import build_strategy  # noqa: E402
+from scale_ssl.trainer import Callback  # noqa: E402
+
+ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam")
+
+
+class StopAfter(Callback):
+    """Stop a fit after ``steps`` optimizer steps (used to time calibration steps)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.started = steps, None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            self.started = time.perf_counter()  # the first step pays one-off costs: not timed
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def _config(method: str, shards: str, root: str, overrides=()):
+    config = load_config(os.path.join(REPO, "configs", method, "fmnist_cpu.yaml"), [
+        "trainer.strategy=single", f"trainer.default_root_dir={root}", f"data.train_shards={shards}/train",
+        f"data.val_shards={shards}/test", "trainer.enable_progress_bar=false", "tracking.enabled=false", *overrides])  # fmt: skip
+    return config
+
+
+def _fit(module, stream, config, max_steps: int, callbacks=()):
+    trainer = Trainer(strategy="single", max_steps=max_steps, precision=config.trainer.precision, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, callbacks=list(callbacks),
+                      default_root_dir=config.trainer.default_root_dir, seed=config.trainer.seed)  # fmt: skip
+    trainer.fit(module, stream)
+    return trainer
+
+
+def _seconds_per_step(make_module, make_stream, config, steps: int) -> float:
+    timer = StopAfter(steps)
+    _fit(make_module(), make_stream(), config, max_steps=steps, callbacks=[timer])
+    return (time.perf_counter() - timer.started) / max(steps - 1, 1)
+
+
+def _budgeted_fit(name, make_module, make_stream, config, budget_s: float, smoke: bool) -> tuple[nn.Module, dict]:
+    if smoke:
+        steps, per_step = 2, float("nan")
+    else:
+        per_step = _seconds_per_step(make_module, make_stream, config, steps=6)
+        steps = max(10, int(budget_s / per_step))
+    print(f"[{name}] {steps} steps ({per_step:.2f} s/step measured)", flush=True)
+    module = make_module()
+    start = time.perf_counter()
+    _fit(module, make_stream(), config, max_steps=steps)
+    return module, {"steps": steps, "pretrain_s": round(time.perf_counter() - start, 1)}
+
+
+def _features(encoder, split: EvalSplit, precision: str):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with autocast:
+        return extract_features(encoder, split.batches(0, 1))
+
+
+def _linear_probe(train, test, num_classes: int, epochs: int, batch_size: int = 256, lr: float = 0.5) -> dict:
+    """Linear head on fixed features (a frozen encoder's, or raw pixels) through our Trainer."""
+    (x, y), (tx, ty) = train, test
+    feature_dim = x.shape[1]
+    # Standardise with train statistics: the head's lr then means the same for every encoder.
+    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp(min=1e-6)
+    x, tx = (x - mean) / std, (tx - mean) / std
+    g = torch.Generator().manual_seed(0)
+
+    class Epochs:
+        def __len__(self):
+            return x.shape[0] // batch_size
+
+        def __iter__(self):
+            order = torch.randperm(x.shape[0], generator=g)
+            for i in range(len(self)):
+                rows = order[i * batch_size : (i + 1) * batch_size]
+                yield x[rows], y[rows]
+
+    torch.manual_seed(0)  # the same head initialisation for every encoder
+    classifier = EncoderClassifier(nn.Identity(), feature_dim, num_classes, freeze_encoder=True, learning_rate=lr)
+    trainer = Trainer(strategy="single", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(classifier, Epochs())
+    results = trainer.test(classifier, [(tx[i : i + 1024], ty[i : i + 1024]) for i in range(0, tx.shape[0], 1024)])[0]
+    return {"linear_top1": results["test/top1"], "linear_top5": results["test/top5"]}
+
+
+def _score(name: str, train, test, num_classes: int, args) -> dict:
+    start = time.perf_counter()
+    knn = knn_accuracy(test[0], test[1], train[0], train[1], num_classes, k=args.knn_k, temperature=0.1)
+    scores = {"knn_top1": knn, **_linear_probe(train, test, num_classes, args.linear_epochs)}
+    scores["eval_s"] = round(time.perf_counter() - start, 1)
+    print(f"[{name}] kNN {100 * knn:.2f} %, linear {100 * scores['linear_top1']:.2f} %", flush=True)
+    return scores
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--budget-minutes", type=float, default=15.0, help="pretraining budget per encoder")
+    parser.add_argument("--linear-epochs", type=int, default=10)
+    parser.add_argument("--knn-k", type=int, default=200)
+    parser.add_argument("--shards", default=os.path.join(REPO, "data", "fashion-mnist"))
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", "quality_fmnist"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per encoder: checks the script runs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
+    os.makedirs(args.out, exist_ok=True)
+    shards = args.shards
+    if args.smoke:
+        shards = os.path.join(args.out, "smoke_shards")
+        if not os.path.exists(os.path.join(shards, "test", "shards.json")):
+            make_fashion_mnist_shards(shards, shard_size=300, limit=600, overwrite=True)
+        args.linear_epochs, args.knn_k = 1, 20
+    elif not os.path.exists(os.path.join(shards, "test", "shards.json")):
+        make_fashion_mnist_shards(shards, shard_size=5000, overwrite=True)
+    budget_s = 60 * args.budget_minutes
+
+    # Smoke: small batches and no loader workers, so the 2 steps per encoder take seconds.
+    smoke_overrides = ["trainer.global_batch_size=64", "data.num_workers=0"] if args.smoke else []
+    base = _config("simclr", shards, args.out, smoke_overrides)
+    d = base.data
+    view = EvalTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std))
+    bank, test = EvalSplit(f"{shards}/train", view, 1024), EvalSplit(f"{shards}/test", view, 1024)
+    num_classes = len(bank.classes)
+    results: dict[str, dict] = {}
+
+    pixels = raw_pixel_features(bank.batches(0, 1)), raw_pixel_features(test.batches(0, 1))
+    results["raw pixels"] = _score("raw pixels", *pixels, num_classes, args)
+
+    model_args = OmegaConf.to_container(base.model, resolve=True)
+    encoder_args = {k: model_args[k] for k in ("arch", "in_channels", "first_conv", "maxpool1")}
+    torch.manual_seed(0)
+    random_encoder, feature_dim = build_resnet_encoder(**encoder_args)
+    feats = _features(random_encoder, bank, "32"), _features(random_encoder, test, "32")
+    results["random-init encoder"] = _score("random init", *feats, num_classes, args)
+
+    def supervised_module():
+        torch.manual_seed(0)
+        encoder, _ = build_resnet_encoder(**encoder_args)
+        return EncoderClassifier(encoder, feature_dim, num_classes, freeze_encoder=False, learning_rate=0.1,
+                                 encoder_learning_rate=0.1, weight_decay=5e-4, warmup_steps=0)  # fmt: skip
+
+    def supervised_stream():
+        return ShardedImageStream(f"{shards}/train", batch_size=base.trainer.global_batch_size, num_workers=d.num_workers,
+                                  transform=ClassifierTrainTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std),
+                                                                     crop_scale=(0.5, 1.0)), seed=0)  # fmt: skip
+
+    module, info = _budgeted_fit("supervised", supervised_module, supervised_stream, base, budget_s, args.smoke)
+    feats = _features(module.encoder, bank, base.trainer.precision), _features(module.encoder, test, base.trainer.precision)
+    results["supervised encoder (same budget)"] = {**info, **_score("supervised", *feats, num_classes, args)}
+
+    for method in methods:
+        config = _config(method, shards, os.path.join(args.out, method), smoke_overrides)
+        resolved = OmegaConf.to_container(config, resolve=True)
+        strategy = build_strategy("single")
+
+        def make_module(config=config, resolved=resolved):
+            torch.manual_seed(config.trainer.seed)
+            return METHODS[config.method](**resolved["model"])
+
+        def make_stream(config=config):
+            return build_train_stream(config, strategy, config.trainer.global_batch_size)
+
+        module, info = _budgeted_fit(method, make_module, make_stream, config, budget_s, args.smoke)
+        precision = config.trainer.precision
+        feats = _features(module.encoder, bank, precision), _features(module.encoder, test, precision)
+        results[method] = {**info, **_score(method, *feats, num_classes, args)}
+
+    meta = {"smoke": args.smoke, "budget_minutes": args.budget_minutes, "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "linear_epochs": args.linear_epochs, "knn_k": args.knn_k}  # fmt: skip
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump({"meta": meta, "results": results}, handle, indent=2)
+    print("\n| encoder | pretrain steps (s) | kNN top-1 | linear top-1 | linear top-5 |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        steps = f"{r['steps']} ({r['pretrain_s']:.0f} s)" if "steps" in r else "-"
+        print(f"| {name} | {steps} | {100 * r['knn_top1']:.2f} | {100 * r['linear_top1']:.2f} | {100 * r['linear_top5']:.2f} |")
+    print(f"\n{meta}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
