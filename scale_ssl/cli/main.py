@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--overwrite", action="store_true", help="replace existing shards")
     shards.add_argument("--skip-existing", action="store_true", help="do nothing if complete shards already exist")
 
+    plan = sub.add_parser("plan", help="resolve a config at a world size without launching: batch, steps, memory, communication")
+    plan.add_argument("--config", required=True, help="YAML run config, e.g. configs/swav/imagenet_64gpu.yaml")
+    plan.add_argument("--world-size", type=int, default=None, help="ranks / XLA devices (default: the config's plan.world_size)")
+    plan.add_argument("--bandwidth-gbps", type=float, default=12.5,
+                      help="bus bandwidth in GB/s for the time estimate (default 12.5: a 100 Gb/s inter-node link)")
+    plan.add_argument("--no-measure", action="store_true", help="skip the memory and communication measurement (fast)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.global_batch_size=2048")
+
     ev = sub.add_parser("eval", help="evaluate a pretrained encoder")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     knn = ev_sub.add_parser("knn", help="weighted kNN accuracy of the encoder on the test split")
@@ -77,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from scale_ssl.config import load_config
 
             run_fit(load_config(args.config, args.overrides))
+        elif args.command == "plan":
+            from scale_ssl.cli.plan import run_plan
+
+            run_plan(args)
         elif args.command == "make-shards":
             from scale_ssl.cli.make_shards import run_make_shards
 
