@@ -12,11 +12,13 @@ import os
 import re
 
 import pytest
+import torch
 
 from scale_ssl.cli.fit import build_strategy_from_config
 from scale_ssl.cli.main import main
 from scale_ssl.cli.run_plan import resolve_plan
 from scale_ssl.config import ConfigError, load_config
+from scale_ssl.methods import SimCLR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
@@ -167,3 +169,38 @@ def test_plan_command_prints_the_resolution(capsys):
     assert "ZeRO stage 2, train_batch_size 4096" in out
     assert main(["plan", "--config", "configs/simclr/imagenet_64gpu.yaml", "--world-size", "3"]) == 2
     assert "not divisible by world_size (3)" in capsys.readouterr().err
+
+
+# -- the memory / communication measurement behind `scale-ssl plan` ------------------------------
+
+def test_step_cost_collectives_are_the_methods_own_and_extrapolation_matches_a_direct_measurement():
+    from scale_ssl.cli.step_cost import _measure, measure_step_cost
+
+    config = load_config("configs/simclr/fmnist_cpu.yaml", ["trainer.sync_batchnorm=true", "trainer.precision=32"])
+    world, batch = 8, 16
+    cost = measure_step_cost(config, world, batch)
+    feat = config.model.feat_dim
+    # NT-Xent gathers (b, 2 x feat_dim) fp32 rows from every rank; its backward all-reduces that much.
+    assert cost.collectives[("nt_xent.forward", "all_gather", "forward")] == world * batch * 2 * feat * 4
+    assert cost.collectives[("nt_xent.forward", "all_reduce", "backward")] == world * batch * 2 * feat * 4
+    # Global BN gathers one (2C + 1) fp32 row per rank per BN layer, whatever the batch.
+    norms = [m for m in SimCLR(**config.model).modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    channels, layers = sum(m.num_features for m in norms), len(norms)
+    assert cost.collectives[("global_batchnorm.forward", "all_gather", "forward")] == world * (2 * channels + layers) * 4
+    assert cost.gradient_sync == [("gradient all_reduce (fp32)", cost.trainable_params * 4)]
+    # Activations: linear extrapolation from batches 2 and 4 == a real forward at batch 16 (within 5%).
+    direct = _measure(config, world, batch, False)["saved"]
+    assert cost.activation_bytes == pytest.approx(direct, rel=0.05)
+
+
+def test_step_cost_shards_zero_state_over_the_ranks():
+    from scale_ssl.cli.step_cost import _state_bytes
+
+    config = load_config("configs/swav/imagenet_64gpu_deepspeed.yaml")
+    t = config.trainer
+    ddp = _state_bytes(load_config("configs/swav/imagenet_64gpu.yaml").trainer, 1000, 0, 1, 64)
+    zero2 = _state_bytes(t, 1000, 0, 1, 64)
+    assert ddp[:3] == (4000.0, 4000.0, 4000.0)  # fp32 weights, gradients, momentum
+    # bf16 weights kept whole; bf16 gradients and (fp32 master + momentum) sharded over 64 ranks
+    assert zero2[:3] == (2000.0, 2000.0 / 64, 8000.0 / 64)
+    assert [what for what, _ in zero2[3]] == ["gradient reduce_scatter", "updated weights all_gather"]
