@@ -10,6 +10,7 @@ XLA_VENV := .venv-xla
 XLA_PY := $(XLA_VENV)/bin/python
 XLA_STAMP := $(XLA_VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SHELLCHECK := /usr/bin/shellcheck
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_CONFIG := configs/simclr/fmnist_cpu.yaml
 DEMO_RUN := runs/simclr_fmnist
@@ -41,6 +42,11 @@ $(FMNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# tests/test_launchers.py lints the launch scripts with it.
+$(SHELLCHECK):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq shellcheck
+
 data: install $(FMNIST)
 	$(PY) -m scale_ssl make-shards fashion-mnist --out data/fashion-mnist --shard-size 5000 --skip-existing
 
@@ -51,12 +57,12 @@ demo: data
 	$(PY) -m scale_ssl eval knn --ckpt $(DEMO_RUN)/checkpoints/last.ckpt --baselines
 
 # The CI suite: everything but tests marked slow.
-test: install xla-install $(FMNIST)
+test: install xla-install $(FMNIST) $(SHELLCHECK)
 	$(PY) -m pytest -m "not slow and not xla" -q --durations=15
 	$(XLA_PY) -m pytest -m "xla and not slow" tests/xla -q --durations=15
 
 # Everything, including the slow tests.
-test-all: install xla-install $(FMNIST)
+test-all: install xla-install $(FMNIST) $(SHELLCHECK)
 	$(PY) -m pytest -m "not xla" -q --durations=25
 	$(XLA_PY) -m pytest -m xla tests/xla -q --durations=25
 
