@@ -84,7 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             from scale_ssl.cli.fit import run_fit
             from scale_ssl.config import load_config
 
-            run_fit(load_config(args.config, args.overrides))
+            config = load_config(args.config, args.overrides)
+            if config.trainer.strategy == "xla":
+                # One replica per TPU chip (one thread per XLA:CPU device), each running run_fit.
+                from scale_ssl.strategies.xla import launch_xla
+
+                launch_xla(run_fit, config)
+            else:
+                run_fit(config)
         elif args.command == "plan":
             from scale_ssl.cli.plan import run_plan
 

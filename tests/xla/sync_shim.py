@@ -19,6 +19,12 @@ The replacement (installed process-wide; it serves every device thread):
 * waits (GIL released) for the dispatched step to finish before returning, so no replica blocks
   in a device wait with the GIL held while the step waits in the rendezvous for the others.
 The price is that a sync no longer overlaps the next step's tracing: fine for tests.
+
+Known limit: a ResNet training step (the Trainer scenario) still hangs. The first replica, holding
+the lock, never returns from dispatching that program (XLA:CPU appears to run it inline, so the
+replica sits in the rendezvous), and the others cannot get the lock to dispatch theirs. Releasing
+the lock once the program is compiled instead (dispatch from a helper thread) broke the
+small-graph collectives that work now; see test_trainer_replicas_stay_identical_... .
 """
 
 from __future__ import annotations
