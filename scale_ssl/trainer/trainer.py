@@ -458,6 +458,9 @@ class Trainer:
                 exhausted = num_batches is not None and batch_idx + 1 >= num_batches
                 break
         if batch_idx < start:
+            if num_batches is not None and start >= num_batches:  # resumed after the epoch's last batch
+                self._end_epoch(module)
+                return
             raise RuntimeError(
                 f"the training stream yielded no batch in epoch {self.current_epoch}; check the shard "
                 "paths and that global_batch_size is not larger than the data set"
