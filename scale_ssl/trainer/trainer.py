@@ -474,6 +474,7 @@ class Trainer:
         module._stage = "train"
         self._call("on_train_epoch_end")
         self._log_epoch_metrics(module)
+        self._log_data_stats()
         for config in self.lr_scheduler_configs:
             if config.interval == "epoch" and (self.current_epoch + 1) % config.frequency == 0:
                 self._step_scheduler(config)
@@ -788,6 +789,16 @@ class Trainer:
             return
         values = reduce_and_fetch(epoch_values, self.strategy)
         self._publish(values, shown=[n for n, (_, o) in epoch_values.items() if o.prog_bar])
+
+    def _log_data_stats(self) -> None:
+        """The stream's per-epoch counts (dropped, corrupt skipped, re-seen after resume) to the
+        progress bar and the logger, when the loader reports them (``epoch_stats()``)."""
+        stats = getattr(self.train_dataloader, "epoch_stats", None)
+        if not callable(stats):
+            return
+        numbers = {f"data/{k}": float(v) for k, v in stats().items() if isinstance(v, (int, float))}
+        if numbers:
+            self._publish(numbers, shown=[k for k in numbers if k in ("data/corrupt_skipped", "data/samples_dropped")])
 
     def log_metrics(self, values: dict[str, float]) -> None:
         """For callbacks: publish host floats to the logger and ``callback_metrics``."""
