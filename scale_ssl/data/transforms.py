@@ -93,6 +93,18 @@ class SimCLRViews:
         self.image_size = image_size
         self.channels = channels
 
+    @classmethod
+    def from_data_config(cls, data, owner: str) -> "SimCLRViews":
+        """The two-view augmentation from a run config's ``data`` section (SimCLR, MoCo v2, BYOL,
+        SimSiam share it); ``owner`` names the method in the error for unexpected ``data.views``."""
+        if data.get("views"):
+            raise ValueError(f"data.views={dict(data['views'])!r}: {owner} takes no extra view options; leave it empty")
+        return cls(
+            image_size=data["image_size"], channels=data["channels"], normalize_mean=tuple(data["mean"]),
+            normalize_std=tuple(data["std"]), crop_scale=tuple(data["crop_scale"]),
+            jitter_strength=data["jitter_strength"], blur=data["gaussian_blur"],
+        )
+
     def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         return self._view(image), self._view(image)
 

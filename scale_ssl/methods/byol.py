@@ -92,13 +92,7 @@ class BYOL(SSLModule):
     def train_transform(cls, data):
         """Two views with SimCLR-style augmentation (BYOL's asymmetric blur/solarisation is for
         large images; blur is off below 64 px anyway)."""
-        if data.get("views"):
-            raise ValueError(f"data.views={dict(data['views'])!r}: BYOL takes no extra view options; leave it empty")
-        return SimCLRViews(
-            image_size=data["image_size"], channels=data["channels"], normalize_mean=tuple(data["mean"]),
-            normalize_std=tuple(data["std"]), crop_scale=tuple(data["crop_scale"]),
-            jitter_strength=data["jitter_strength"], blur=data["gaussian_blur"],
-        )
+        return SimCLRViews.from_data_config(data, "BYOL")
 
     @classmethod
     def derived_run_figures(cls, model: dict, global_batch_size: int) -> dict:

@@ -102,13 +102,7 @@ class MoCoV2(SSLModule):
     @classmethod
     def train_transform(cls, data):
         """Two views with SimCLR's augmentation, as MoCo v2 (arXiv:2003.04297, sec. 3)."""
-        if data.get("views"):
-            raise ValueError(f"data.views={dict(data['views'])!r}: MoCoV2 takes no extra view options; leave it empty")
-        return SimCLRViews(
-            image_size=data["image_size"], channels=data["channels"], normalize_mean=tuple(data["mean"]),
-            normalize_std=tuple(data["std"]), crop_scale=tuple(data["crop_scale"]),
-            jitter_strength=data["jitter_strength"], blur=data["gaussian_blur"],
-        )
+        return SimCLRViews.from_data_config(data, "MoCoV2")
 
     @classmethod
     def derived_run_figures(cls, model: dict, global_batch_size: int) -> dict:

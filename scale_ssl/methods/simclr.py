@@ -81,17 +81,7 @@ class SimCLR(SSLModule):
     @classmethod
     def train_transform(cls, data):
         """Two independently augmented views per image (paper, appendix A)."""
-        if data.get("views"):
-            raise ValueError(f"data.views={dict(data['views'])!r}: SimCLR takes no extra view options; leave it empty")
-        return SimCLRViews(
-            image_size=data["image_size"],
-            channels=data["channels"],
-            normalize_mean=tuple(data["mean"]),
-            normalize_std=tuple(data["std"]),
-            crop_scale=tuple(data["crop_scale"]),
-            jitter_strength=data["jitter_strength"],
-            blur=data["gaussian_blur"],
-        )
+        return SimCLRViews.from_data_config(data, "SimCLR")
 
     def setup(self, stage: str) -> None:
         # The loss gathers over the strategy's world (DDP group, XLA replicas, ...), never over

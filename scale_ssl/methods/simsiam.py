@@ -84,13 +84,7 @@ class SimSiam(SSLModule):
     @classmethod
     def train_transform(cls, data):
         """Two views with SimCLR-style augmentation (paper, sec. 4: the same as MoCo v2)."""
-        if data.get("views"):
-            raise ValueError(f"data.views={dict(data['views'])!r}: SimSiam takes no extra view options; leave it empty")
-        return SimCLRViews(
-            image_size=data["image_size"], channels=data["channels"], normalize_mean=tuple(data["mean"]),
-            normalize_std=tuple(data["std"]), crop_scale=tuple(data["crop_scale"]),
-            jitter_strength=data["jitter_strength"], blur=data["gaussian_blur"],
-        )
+        return SimCLRViews.from_data_config(data, "SimSiam")
 
     @classmethod
     def derived_run_figures(cls, model: dict, global_batch_size: int) -> dict:
