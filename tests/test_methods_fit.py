@@ -50,7 +50,7 @@ def _fit(rank, world, config_path, args):
     from scale_ssl.cli.fit import run_fit
 
     trainer, module = run_fit(load_config(config_path, args))
-    losses = [row["train/loss"] for row in trainer.history]
+    losses = [row["train/loss"] for row in trainer.history if "train/loss" in row]
     return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 

@@ -95,7 +95,7 @@ def scenario_trainer(strategy, data: dict) -> dict:
                       enable_progress_bar=False, log_every_n_steps=1, callbacks=[record])
     trainer.fit(model, batches)
     return {"states": record.states, "compiles": record.compiles,
-            "losses": [h["train/loss"] for h in trainer.history]}
+            "losses": [h["train/loss"] for h in trainer.history if "train/loss" in h]}
 
 
 SCENARIOS = {"nt_xent": scenario_nt_xent, "sinkhorn": scenario_sinkhorn, "trainer": scenario_trainer}
