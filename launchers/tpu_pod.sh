@@ -8,10 +8,13 @@
 #   1. create   gcloud compute tpus tpu-vm create (skipped with --skip-create, e.g. an existing slice)
 #   2. install  on every host: clone the repo at this commit, make a virtualenv, pip install
 #               torch / torch_xla[tpu] (libtpu) / our pinned requirements, install scale_ssl
-#   3. run      on every host at once: PJRT_DEVICE=TPU scale-ssl fit --config ... ; the fit command
+#   3. sync     copy the local config file to every host (so an uncommitted edit is what runs)
+#   4. run      on every host at once: PJRT_DEVICE=TPU scale-ssl fit --config ... ; the fit command
 #               starts one replica per TPU chip with torch_xla.launch; each host streams its own
-#               subset of the shards (gs://...), the same equal-steps-per-replica plan as DDP
-#   4. delete   only with --delete-after (the slice costs money while it exists)
+#               subset of the shards (gs://...), the same equal-steps-per-replica plan as DDP; each
+#               host tees its output to scale_ssl/logs/fit.log
+#   5. collect  copy every host's fit.log to --log-dir/worker-<i>.log, also when the run failed
+#   6. delete   only with --delete-after (the slice costs money while it exists)
 #
 # This script cannot be exercised here (no TPU, no gcloud project); the XLA code paths it starts
 # are tested on XLA:CPU devices (tests/xla). Resume after a preemption: rerun with --skip-create
@@ -35,6 +38,8 @@ SKIP_CREATE=0
 SKIP_INSTALL=0
 DELETE_AFTER=0
 PREEMPTIBLE=0
+LOG_DIR=""
+NUM_HOSTS=""
 OVERRIDES=()
 
 usage() {
@@ -59,6 +64,8 @@ Options:
   --skip-create           use an existing slice
   --skip-install          hosts are already set up
   --delete-after          delete the slice when the run ends
+  --log-dir DIR           where every host's log is collected (default: runs/tpu_logs/NAME-TIME)
+  --hosts N               hosts in the slice (default: cores / 8 from --accelerator-type, v2-v4)
   --dry-run               print every command, run nothing
   -h, --help              this help
   -- key=value ...        config overrides passed to scale-ssl fit (e.g. trainer.max_steps=100)
@@ -79,6 +86,8 @@ while [[ $# -gt 0 ]]; do
         --skip-create) SKIP_CREATE=1; shift ;;
         --skip-install) SKIP_INSTALL=1; shift ;;
         --delete-after) DELETE_AFTER=1; shift ;;
+        --log-dir) LOG_DIR="$2"; shift 2 ;;
+        --hosts) NUM_HOSTS="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; OVERRIDES=("$@"); break ;;
@@ -98,6 +107,20 @@ if [[ ! -f "$(dirname "$0")/../$CONFIG" && ! -f "$CONFIG" ]]; then
     echo "tpu_pod.sh: error: --config $CONFIG does not exist (give a path relative to the repository root)" >&2
     exit 2
 fi
+
+if [[ -z "$NUM_HOSTS" ]]; then
+    # v2/v3/v4 slice names count TensorCores, 8 per host VM (v3-128 and v4-128: 16 hosts).
+    if [[ "$ACCELERATOR_TYPE" =~ ^v[234]-([0-9]+)$ ]] && (( BASH_REMATCH[1] >= 8 )); then
+        NUM_HOSTS=$(( BASH_REMATCH[1] / 8 ))
+    else
+        echo "tpu_pod.sh: error: cannot infer the host count of --accelerator-type $ACCELERATOR_TYPE; pass --hosts N" >&2
+        exit 2
+    fi
+elif ! [[ "$NUM_HOSTS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "tpu_pod.sh: error: --hosts must be a positive integer, got '$NUM_HOSTS'" >&2
+    exit 2
+fi
+[[ -n "$LOG_DIR" ]] || LOG_DIR="runs/tpu_logs/$TPU_NAME-$(date -u +%Y%m%dT%H%M%SZ)"
 
 GCLOUD_TPU=(gcloud compute tpus tpu-vm)
 LOCATION=(--zone "$ZONE")
@@ -136,12 +159,33 @@ grep -v -E '^(torch|torchvision|torch-xla)==' requirements-xla.txt > /tmp/requir
 .venv-xla/bin/pip install -q -r /tmp/requirements-rest.txt && .venv-xla/bin/pip install -q --no-deps -e ."
 fi
 
-# 3. run: every host at once; scale-ssl fit starts one replica per chip with torch_xla.launch.
+# 3. sync: the config as it is here, uncommitted edits included.
+LOCAL_CONFIG="$CONFIG"
+[[ -f "$LOCAL_CONFIG" ]] || LOCAL_CONFIG="$(dirname "$0")/../$CONFIG"
+run "${GCLOUD_TPU[@]}" scp "$LOCAL_CONFIG" "$TPU_NAME:scale_ssl/$CONFIG" "${LOCATION[@]}" --worker=all
+
+# 4. run: every host at once; scale-ssl fit starts one replica per chip with torch_xla.launch.
+# pipefail keeps fit's exit status through tee; the status decides this script's exit code after
+# the logs are collected.
 overrides=""
 for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do overrides+=" $(printf '%q' "$o")"; done
-on_all_hosts "cd scale_ssl && PJRT_DEVICE=TPU .venv-xla/bin/scale-ssl fit --config $CONFIG trainer.strategy=xla$overrides"
+fit_status=0
+on_all_hosts "set -o pipefail; cd scale_ssl && mkdir -p logs && PJRT_DEVICE=TPU .venv-xla/bin/scale-ssl fit --config $CONFIG trainer.strategy=xla$overrides 2>&1 | tee logs/fit.log" || fit_status=$?
 
-# 4. delete
+# 5. collect: one file per host (same remote name on every host, so one scp per worker).
+[[ $DRY_RUN -eq 1 ]] || mkdir -p "$LOG_DIR"
+for (( worker = 0; worker < NUM_HOSTS; worker++ )); do
+    run "${GCLOUD_TPU[@]}" scp "$TPU_NAME:scale_ssl/logs/fit.log" "$LOG_DIR/worker-$worker.log" "${LOCATION[@]}" --worker="$worker" \
+        || echo "tpu_pod.sh: warning: could not copy the log of worker $worker" >&2
+done
+echo "tpu_pod.sh: logs of $NUM_HOSTS hosts in $LOG_DIR" >&2
+
+# 6. delete
 if [[ $DELETE_AFTER -eq 1 ]]; then
     run "${GCLOUD_TPU[@]}" delete "$TPU_NAME" "${LOCATION[@]}" --quiet
+fi
+
+if [[ $fit_status -ne 0 ]]; then
+    echo "tpu_pod.sh: error: the fit exited with status $fit_status on at least one host (logs: $LOG_DIR)" >&2
+    exit "$fit_status"
 fi

@@ -122,6 +122,44 @@ def test_tpu_pod_dry_run_runs_fit_on_every_host_with_pjrt_tpu():
     ssh = [c for c in commands(proc) if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
     assert ssh and all("--worker=all" in c for c in ssh)
     assert any("PJRT_DEVICE=TPU" in c[-1] and "configs/simclr/imagenet_tpu_v3_128.yaml" in c[-1] for c in ssh)
+    scp = [c for c in commands(proc) if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]]
+    # the local config goes to every host before the run; then one log per host (v3-128: 16 hosts)
+    assert scp[0][5:7] == ["configs/simclr/imagenet_tpu_v3_128.yaml", "pod:scale_ssl/configs/simclr/imagenet_tpu_v3_128.yaml"]
+    assert "--worker=all" in scp[0]
+    collected = scp[1:]
+    assert [c[-1] for c in collected] == [f"--worker={i}" for i in range(16)]
+    assert all(c[5] == "pod:scale_ssl/logs/fit.log" and c[6].endswith(f"/worker-{i}.log") for i, c in enumerate(collected))
+
+
+def test_tpu_pod_collects_every_hosts_log_and_keeps_the_fits_exit_status(tmp_path):
+    """Run (not dry-run) against a stand-in `gcloud` on PATH (no Cloud project exists here) that
+    records each call, fails the fit like a crashed host would, and writes the log file scp asks
+    for: the logs are still collected and the script exits with the fit's status."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f"printf '%s\\n' \"$*\" >> {calls}\n"
+        'if [[ "$4" == ssh ]]; then exit 7; fi\n'
+        'if [[ "$4" == scp && "$5" == *:scale_ssl/logs/fit.log ]]; then echo "log of ${*: -1}" > "$6"; fi\n'
+    )
+    fake.chmod(0o755)
+    logs = tmp_path / "logs"
+    proc = launch("tpu_pod.sh", "--tpu", "pod", "--zone", "z", "--config", "configs/simclr/imagenet_tpu_v4_128.yaml",
+                  "--accelerator-type", "v4-32", "--skip-create", "--skip-install", "--log-dir", str(logs),
+                  env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    assert proc.returncode == 7, proc.stderr
+    assert "the fit exited with status 7" in proc.stderr
+    assert sorted(p.name for p in logs.iterdir()) == [f"worker-{i}.log" for i in range(4)]
+    assert (logs / "worker-3.log").read_text().strip() == "log of --worker=3"
+    assert sum(" ssh " in f" {line} " for line in calls.read_text().splitlines()) == 1
+
+
+def test_tpu_pod_needs_the_host_count_for_slice_names_it_cannot_read():
+    proc = launch("tpu_pod.sh", "--tpu", "pod", "--zone", "z", "--config", "configs/simclr/imagenet_tpu_v3_128.yaml",
+                  "--accelerator-type", "v5litepod-16", "--dry-run")
+    assert proc.returncode == 2 and "pass --hosts N" in proc.stderr
 
 
 @pytest.mark.timeout(400)
