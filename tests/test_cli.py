@@ -144,4 +144,28 @@ def test_torchrun_deepspeed_zero2_bf16_with_a_user_json(fmnist_shards, tmp_path)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deepspeed x2" in proc.stdout
-    assert os.path.isdir(tmp_path / "checkpoints" / "last.ckpt" / "state")  # a sharded DeepSpeed checkpoint
+    ckpt_dir = tmp_path / "checkpoints" / "last.ckpt"
+    assert os.path.isdir(ckpt_dir / "state")  # a sharded DeepSpeed checkpoint
+    # Readers take the directory as it is: export writes a torchvision-loadable encoder, and
+    # load_from_checkpoint rebuilds the method, both from the merged fp32 weights.
+    from scale_ssl.eval.export import torchvision_resnet
+    from scale_ssl.methods import SimCLR
+    from scale_ssl.strategies.deepspeed import read_deepspeed_checkpoint
+
+    out = tmp_path / "encoder.pt"
+    assert main(["export", "--ckpt", str(ckpt_dir), "--out", str(out), "--method", "simclr"]) == 0
+    merged = read_deepspeed_checkpoint(str(ckpt_dir))
+    assert merged["global_step"] == 3
+    exported = torch.load(out, weights_only=True)
+    resnet = torchvision_resnet("resnet10", in_channels=1, first_conv=True, maxpool1=False)
+    resnet.load_state_dict(exported, strict=True)
+    module = SimCLR.load_from_checkpoint(str(ckpt_dir))
+    for key, value in module.encoder.state_dict().items():
+        assert torch.equal(value, exported[key]), key
+        assert torch.equal(value, merged["state_dict"][f"encoder.{key}"]), key
+    assert exported["conv1.weight"].dtype == torch.float32  # trained in bf16, merged to fp32
+
+
+def test_a_directory_that_is_not_a_deepspeed_checkpoint_is_a_clear_error(capsys, tmp_path):
+    line = _error_of(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "e.pt")], capsys)
+    assert "not a DeepSpeed checkpoint" in line and not (tmp_path / "e.pt").exists()

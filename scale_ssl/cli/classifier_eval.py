@@ -23,7 +23,7 @@ from scale_ssl.eval.eval_split import EvalSplit
 from scale_ssl.eval.finetune import finetune
 from scale_ssl.eval.linear_probe import linear_probe
 from scale_ssl.methods import METHODS
-from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+from scale_ssl.strategies.checkpoint_reader import read_checkpoint
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.seed import seed_everything
@@ -71,7 +71,7 @@ def _logger(config, checkpoint: dict, mode: str, rank: int):
 
 def run_classifier_eval(args, mode: str) -> dict[str, float]:
     """``mode``: ``"linear"`` (frozen encoder) or ``"finetune"`` (whole network)."""
-    checkpoint = load_checkpoint_file(args.ckpt)
+    checkpoint = read_checkpoint(args.ckpt)
     config = _config_for(args, checkpoint)
     d, t = config.data, config.trainer
     if d.val_shards is None:

@@ -16,7 +16,7 @@ from scale_ssl.data.full_pass import full_pass_batches
 from scale_ssl.data.shard_index import ShardIndex
 from scale_ssl.eval import extract_features, knn_accuracy, raw_pixel_features
 from scale_ssl.methods import METHODS
-from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+from scale_ssl.strategies.checkpoint_reader import read_checkpoint
 from scale_ssl.tracking import MLflowLogger
 
 
@@ -37,7 +37,7 @@ def _load_split(source, transform, batch_size: int) -> list[tuple[torch.Tensor, 
 
 
 def run_knn_eval(args) -> dict[str, float]:
-    checkpoint = load_checkpoint_file(args.ckpt)
+    checkpoint = read_checkpoint(args.ckpt)
     config = _config_for(args, checkpoint)
     if config.data.val_shards is None:
         raise ConfigError("data.val_shards is null: kNN needs a test split to score")

@@ -46,14 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a pretrained encoder")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     knn = ev_sub.add_parser("knn", help="weighted kNN accuracy of the encoder on the test split")
-    knn.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit")
+    knn.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit (a .ckpt file, or a DeepSpeed checkpoint directory)")
     knn.add_argument("--config", default=None, help="config (default: the one stored in the checkpoint)")
     knn.add_argument("--baselines", action="store_true", help="also score raw pixels and a random-init encoder")
     knn.add_argument("overrides", nargs="*", help="dotted overrides such as eval.knn_k=20")
     for mode, help_text in (("linear", "train a linear head on the frozen encoder; top-1/top-5 on the test split"),
                             ("finetune", "fine-tune the whole network (encoder at a lower lr); top-1/top-5 on the test split")):
         cls = ev_sub.add_parser(mode, help=help_text)
-        cls.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit")
+        cls.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit (a .ckpt file, or a DeepSpeed checkpoint directory)")
         cls.add_argument("--config", default=None, help="config (default: the one stored in the checkpoint)")
         cls.add_argument("--num_epochs", type=int, default=None, help="epochs over the training split")
         cls.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         cls.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.strategy=single")
 
     export = sub.add_parser("export", help="write the pretrained encoder as a torchvision-loadable state dict")
-    export.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit")
+    export.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit (a .ckpt file, or a DeepSpeed checkpoint directory)")
     export.add_argument("--out", required=True, help="output file, e.g. encoder.pt (a .json description goes beside it)")
     export.add_argument("--method", default=None, help="fail unless the checkpoint holds this method (e.g. simclr)")
     return parser

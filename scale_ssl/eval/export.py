@@ -9,10 +9,9 @@ architecture and stem options needed to rebuild the model. It loads with ``stric
 torchvision model of the same stem, whose ``fc`` then stays newly initialised.
 
 The work is done on state dicts (:func:`encoder_state_dict`, :func:`export_encoder_state`), not on
-a checkpoint file, so any source of a full module state dict can be exported: our checkpoints
-today; a DeepSpeed ZeRO checkpoint once that strategy exists (consolidate its shards into one fp32
-state dict first, e.g. with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``, then call
-:func:`export_encoder_state`).
+a checkpoint file, so any source of a full module state dict can be exported. ``--ckpt`` may be
+a ``.ckpt`` file or a DeepSpeed ZeRO checkpoint directory (its shards are merged into fp32 weights
+in memory by ``scale_ssl.strategies.checkpoint_reader.read_checkpoint``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from scale_ssl.methods import METHODS
 from scale_ssl.models import RESNET_ARCHITECTURES, build_resnet_encoder
-from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+from scale_ssl.strategies.checkpoint_reader import read_checkpoint
 
 ENCODER_PREFIX = "encoder."
 STEM_KEYS = ("arch", "in_channels", "first_conv", "maxpool1")
@@ -134,7 +133,7 @@ def export_encoder(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, me
     name such as ``"MoCoV2"``);
     ``None`` accepts any module with an ``encoder``. A truncated or foreign file is a ``ValueError``.
     """
-    checkpoint = load_checkpoint_file(os.fspath(ckpt_path))
+    checkpoint = read_checkpoint(ckpt_path)
     stored = checkpoint.get("module_class")
     expected = METHODS[method].__name__ if method in METHODS else method
     if method is not None and stored != expected:

@@ -192,29 +192,38 @@ class DeepSpeedStrategy(DDPStrategy):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def consolidate_checkpoint(checkpoint_dir: str, out_path: str) -> str:
-    """DeepSpeed checkpoint directory -> one plain scale_ssl ``.ckpt`` (fp32 weights, our state).
+def read_deepspeed_checkpoint(checkpoint_dir: str) -> dict:
+    """A scale_ssl DeepSpeed checkpoint directory as one plain checkpoint dict, in memory.
 
     The weights come from DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (it merges
-    the ZeRO partitions); our client state (hyper-parameters, step, config, MLflow run id) from
-    the engine's model-states file. The result loads with ``<Method>.load_from_checkpoint`` and
-    ``scale-ssl eval``/``export``.
+    the ZeRO partitions, so the result is fp32 whatever the stage or precision); our client state
+    (hyper-parameters, step, config, MLflow run id) from the engine's model-states file. Optimizer
+    and scheduler states are left out: they are sharded per rank and only the engine reads them.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(checkpoint_dir, CHECKPOINT_TAG)
     if not os.path.isdir(tag_dir):
         raise FileNotFoundError(f"{checkpoint_dir!r} is not a scale_ssl DeepSpeed checkpoint (no {CHECKPOINT_TAG}/ inside)")
+    model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))
+    if not model_states:
+        raise ValueError(f"DeepSpeed checkpoint {checkpoint_dir!r} has no *model_states.pt in {CHECKPOINT_TAG}/: it is incomplete")
     weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
     # The engine wrapped the trainer's step adapter, whose child is the module.
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
-    model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))
     # Our own checkpoint directory: the client state holds plain types and tensors only.
     client = torch.load(os.path.join(tag_dir, model_states[0]), map_location="cpu", weights_only=False)
     ours = {k: v for k, v in client.items() if k in _CLIENT_KEYS}
     ours.update({"format_version": CHECKPOINT_FORMAT_VERSION, "state_dict": state_dict, "optimizer_states": [],
                  "lr_scheduler_states": []})
-    save_checkpoint_file(ours, out_path)
+    return ours
+
+
+def consolidate_checkpoint(checkpoint_dir: str, out_path: str) -> str:
+    """DeepSpeed checkpoint directory -> one plain scale_ssl ``.ckpt`` (fp32 weights, our state)
+    that loads with ``<Method>.load_from_checkpoint`` and ``scale-ssl eval``/``export``, without
+    DeepSpeed installed (see :func:`read_deepspeed_checkpoint`)."""
+    save_checkpoint_file(read_deepspeed_checkpoint(checkpoint_dir), out_path)
     return out_path
 
 

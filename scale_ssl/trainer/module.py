@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from scale_ssl.collectives import Collective, default_collective
-from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+from scale_ssl.strategies.checkpoint_reader import read_checkpoint
 from scale_ssl.trainer.metrics import LoggedMetrics, LogOptions
 
 
@@ -57,7 +57,7 @@ class SSLModule(nn.Module):
         ``strict=False`` tolerates missing/unexpected keys (e.g. loading only what a feature
         extractor needs); a checkpoint of another method is still an error.
         """
-        checkpoint = load_checkpoint_file(checkpoint_path)
+        checkpoint = read_checkpoint(checkpoint_path)
         stored_class = checkpoint.get("module_class")
         if stored_class is not None and stored_class != cls.__name__:
             raise ValueError(
