@@ -1,6 +1,8 @@
 """Losses. None imports torch.distributed: each receives a ``Collective``."""
 
 from scale_ssl.losses.byol_loss import BYOLLoss
+from scale_ssl.losses.cpc import CPCTask
+from scale_ssl.losses.feature_map_contrastive import AmdimNCELoss, FeatureMapContrastiveTask
 from scale_ssl.losses.infonce_queue import InfoNCEQueueLoss
 from scale_ssl.losses.negative_cosine import NegativeCosineLoss
 from scale_ssl.losses.nt_xent import NTXentLoss
@@ -8,6 +10,9 @@ from scale_ssl.losses.sinkhorn import distributed_sinkhorn, prototype_marginal_d
 from scale_ssl.losses.swav_loss import SwAVLoss
 
 __all__ = [
+    "AmdimNCELoss",
+    "CPCTask",
+    "FeatureMapContrastiveTask",
     "BYOLLoss",
     "InfoNCEQueueLoss",
     "NegativeCosineLoss",
