@@ -324,6 +324,9 @@ class ShardedImageStream:
                 location, retries=retries, retry_delay=retry_delay, timeout=io_timeout
             )
             self.location = location.describe()
+        # Without an explicit place the stream follows torch.distributed, also when it is built
+        # before init_process_group (then it re-plans once the group exists; see _follow_group).
+        self._follows_group = rank is None and world_size is None
         self.rank, self.world_size = _resolve_place(rank, world_size)
         self.mode = mode
         self.batch_size = batch_size
@@ -344,6 +347,7 @@ class ShardedImageStream:
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next ``iter(stream)`` plays from its start; recomputes the plan."""
         _check_count("epoch", epoch, minimum=0)
+        self._follow_group()
         sizes = [shard.num_samples for shard in self.index.shards]
         common = dict(
             epoch=epoch,
@@ -366,6 +370,7 @@ class ShardedImageStream:
     @property
     def steps_per_epoch(self) -> int:
         """Batches every rank yields in the current epoch."""
+        self._replan_if_group_changed()
         return self.plan.steps_per_epoch
 
     @property
@@ -380,7 +385,30 @@ class ShardedImageStream:
         return self.index.num_samples
 
     def __len__(self) -> int:
+        self._replan_if_group_changed()
         return self.plan.steps_per_epoch
+
+    def _follow_group(self) -> bool:
+        """Take rank and world size from torch.distributed if no place was given; True if moved.
+
+        A stream built before ``init_process_group`` saw no group and planned for one process;
+        left alone, every rank would then read the whole data set (every sample N times per
+        "epoch") without any error. Re-reading the group here prevents that silent duplication.
+        """
+        if not self._follows_group:
+            return False
+        place = _resolve_place(None, None)
+        if place == (self.rank, self.world_size):
+            return False
+        self.rank, self.world_size = place
+        return True
+
+    def _replan_if_group_changed(self) -> None:
+        if self._follow_group():
+            skip = self._skip
+            self.set_epoch(self.epoch)
+            if skip:
+                self.skip_batches(skip)
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -487,6 +515,7 @@ class ShardedImageStream:
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple]:
+        self._replan_if_group_changed()
         skip, self._skip = self._skip, 0
         order = batch_order(self.plan.batch_quotas(self.rank))
         start_batches = [0] * self.plan.num_workers
