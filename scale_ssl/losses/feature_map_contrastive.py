@@ -227,10 +227,10 @@ class FeatureMapContrastiveTask(nn.Module):
             views = ([m.float() for m in maps_view1], [m.float() for m in maps_view2])
             positive_indices = sorted({p for _, p in self.comparisons})
             # Gather each positive map of both views once, however many comparisons use it.
-            gathered = {
-                (v, p): collective.all_gather(views[v][p].flatten(start_dim=2).contiguous(), grad=True)
-                for v in (0, 1) for p in positive_indices
-            }
+            gathered = {}
+            for v in (0, 1):
+                for p in positive_indices:
+                    gathered[(v, p)] = collective.all_gather(views[v][p].flatten(start_dim=2).contiguous(), grad=True)
             world_b = next(iter(gathered.values())).shape[0]
             offset = collective.rank_offset(b, device=device)
             rows = torch.arange(b, device=device) + offset

@@ -162,7 +162,7 @@ class CPCV2(SSLModule):
             self.contrastive_task.collective = self.collective
         if self.online_evaluator is not None and self.trainer is not None:
             # The online accuracy is logged at the trainer's logging interval.
-            self.online_evaluator.log_every_n_steps = self.trainer.log_every_n_steps
+            self.online_evaluator.log_every_n_steps = getattr(self.trainer, "log_every_n_steps", self.online_evaluator.log_every_n_steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled patch features (N, D): what kNN, linear probes and fine-tuning use."""
