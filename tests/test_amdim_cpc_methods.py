@@ -17,7 +17,7 @@ from scale_ssl.data import ShardedImageStream
 from scale_ssl.losses import CPCTask, FeatureMapContrastiveTask
 from scale_ssl.methods import AMDIM, CPCV2, METHODS
 from scale_ssl.models.amdim_encoder import AMDIMEncoder
-from scale_ssl.trainer import Trainer
+from scale_ssl.trainer import Callback, Trainer
 from scale_ssl.trainer.seed import seed_everything
 from tests.distributed import run_on_ranks
 from tests.test_methods_fit import knn_of, loss_went_down
@@ -189,6 +189,46 @@ def test_checkpoint_reloads_the_encoder_and_the_online_head(fmnist_shards, tmp_p
     assert all(torch.equal(head[k], pending[k]) for k in head)
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(module.eval()(x), loaded.eval()(x))
+
+
+class StopAfter(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+def make_tiny(name):
+    seed_everything(3)
+    if name == "amdim":  # a comparison from the 5x5 map: anchor locations are drawn every step
+        return AMDIM(contrastive_task="01, 11", image_channels=1, image_height=28, encoder_feature_dim=4,
+                     embedding_fx_dim=8, conv_block_depth=1, learning_rate=1e-3)
+    return CPCV2(image_channels=1, image_height=28, encoder_width=4, encoder_depth=0, learning_rate=1e-3)
+
+
+@pytest.mark.parametrize("name", ["amdim", "cpc_v2"])
+def test_resume_equals_never_stopping(name, fmnist_shards, tmp_path):
+    batches = [one_real_batch(fmnist_shards, batch=8)] * 4
+
+    def trainer(root, callbacks=()):
+        return Trainer(strategy="single", max_steps=4, logger=False, enable_progress_bar=False, log_every_n_steps=1,
+                       num_sanity_val_steps=0, default_root_dir=str(root), callbacks=list(callbacks))
+
+    straight = make_tiny(name)
+    trainer(tmp_path / "a").fit(straight, batches)
+    first = make_tiny(name)
+    trainer(tmp_path / "b", [StopAfter(2)]).fit(first, batches)
+    resumed = make_tiny(name)
+    trainer(tmp_path / "b").fit(resumed, batches, ckpt_path="last")
+    for key, value in straight.state_dict().items():
+        other = resumed.state_dict()[key]
+        assert (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other), key
+    if name == "amdim":
+        assert resumed.contrastive_task.calls == 4
+    else:  # the online linear head continued exactly too
+        head, other = straight.online_evaluator.head.state_dict(), resumed.online_evaluator.head.state_dict()
+        assert all(torch.equal(head[k], other[k]) for k in head)
 
 
 # -- kNN vs random init (slow) ------------------------------------------------------------------
