@@ -22,6 +22,8 @@ def build_strategy_from_config(config: DictConfig):
     options = {"accelerator": t.accelerator}
     if t.strategy in ("ddp", "xla"):  # both convert BN to global-batch statistics
         options["sync_batchnorm"] = t.sync_batchnorm
+    if t.strategy == "ddp":
+        options["timeout_s"] = t.collective_timeout_s
     elif t.strategy == "dp":
         if t.devices is None:
             raise ConfigError("trainer.strategy=dp needs trainer.devices (the number of parts per batch), e.g. trainer.devices=2")
@@ -117,6 +119,8 @@ def run_fit(config: DictConfig):
         logger=logger,
         run_config=resolved,
         optim_recipe=OptimRecipe(resolved["optim"], t.global_batch_size) if resolved.get("optim") else None,
+        on_nonfinite_loss=t.on_nonfinite_loss,
+        max_consecutive_nonfinite=t.max_consecutive_nonfinite,
     )
     if strategy.is_global_zero:
         d = resolved["derived"]

@@ -76,6 +76,12 @@ def validate_config(config: DictConfig) -> None:
             raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"trainer.max_steps must be -1 (bounded by max_epochs) or >= 1, got {t.max_steps}")
+    if not t.collective_timeout_s > 0:
+        raise ConfigError(f"trainer.collective_timeout_s must be > 0 seconds, got {t.collective_timeout_s}")
+    if t.on_nonfinite_loss not in ("stop", "skip", "off"):
+        raise ConfigError(f"trainer.on_nonfinite_loss must be 'stop', 'skip' or 'off', got {t.on_nonfinite_loss!r}")
+    if t.max_consecutive_nonfinite < 1:
+        raise ConfigError(f"trainer.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}")
     if t.max_steps == -1 and t.max_epochs is None:
         raise ConfigError("set trainer.max_steps or trainer.max_epochs: with neither the run has no end")
     d = config.data

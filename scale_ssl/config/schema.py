@@ -40,6 +40,13 @@ class TrainerConfig:
     ckpt_path: Optional[str] = None
     # Threads per process for intra-op CPU parallelism; null: cores / local ranks.
     num_threads: Optional[int] = None
+    # Seconds a collective may wait for a peer (init_process_group's timeout): a rank that died
+    # or stalls makes the others fail with a message naming rank and step, not hang forever.
+    collective_timeout_s: float = 1800.0
+    # NaN/inf loss on any rank: "stop" (skip the step everywhere; after max_consecutive_nonfinite
+    # in a row, checkpoint the last good state and stop), "skip" (skip and continue), "off".
+    on_nonfinite_loss: str = "stop"
+    max_consecutive_nonfinite: int = 3
 
 
 @dataclass

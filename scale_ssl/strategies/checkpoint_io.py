@@ -1,47 +1,167 @@
-"""Checkpoint files: atomic writes and safe reads.
+"""Checkpoint files: atomic writes, a content checksum, safe reads.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
-over the target, so a crash mid-write leaves the previous checkpoint intact and never a truncated
-file under the final name. It is read with ``torch.load(weights_only=True)``: our checkpoints hold
-only tensors and plain Python types, so loading one never unpickles arbitrary objects.
+Writing: the checkpoint goes to a temporary file in the same directory, is flushed and fsynced,
+and only then renamed over the target (``os.replace`` is atomic on POSIX), so a crash or a
+``kill -9`` mid-write never leaves a truncated file under the final name. The checkpoint it
+replaces is kept beside it as ``<name>.prev`` (a hard link taken before the rename), so one good
+checkpoint survives even a file that was later damaged on disk.
+
+Integrity: every checkpoint carries ``format_version`` and ``content_sha256``, a SHA-256 over
+its keys, plain values and tensor bytes (:func:`content_digest`). Reading recomputes it; a
+truncated, bit-flipped or half-copied file fails with :class:`CorruptCheckpointError` naming the
+file, and ``resolve_latest_checkpoint`` falls back to the previous good one.
+
+Trust: files are read with ``torch.load(weights_only=True)``. Our checkpoints hold only tensors
+and plain Python types, so loading one never unpickles arbitrary objects; a file that needs
+arbitrary unpickling is refused rather than executed (docs/RELIABILITY.md, "Trust model").
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import warnings
 
 import torch
 
 CHECKPOINT_FORMAT_VERSION = 1
+PREVIOUS_SUFFIX = ".prev"
+_TEMP_PREFIX = ".tmp-"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file exists but cannot be trusted: truncated, corrupt, wrong checksum, or not ours."""
+
+
+def content_digest(obj) -> str:
+    """SHA-256 over a checkpoint's structure: keys in order, plain values by ``repr``, tensors by
+    dtype, shape and raw bytes. Stable across ``torch.save``/``torch.load``."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for item in obj:
+            _feed(digest, item)
+    else:
+        digest.update(f"V{type(obj).__name__}:{obj!r};".encode())
 
 
 def save_checkpoint_file(checkpoint: dict, path: str) -> None:
+    """Write ``checkpoint`` to ``path`` atomically, stamped with format version and checksum;
+    the file it replaces becomes ``path + '.prev'``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+    stamped = {key: value for key, value in checkpoint.items() if key != "content_sha256"}
+    stamped.setdefault("format_version", CHECKPOINT_FORMAT_VERSION)
+    stamped["content_sha256"] = content_digest(stamped)
+    fd, tmp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".ckpt", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(checkpoint, handle)
+            torch.save(stamped, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if os.path.isfile(path):
+            _keep_previous(path)
         os.replace(tmp_path, path)
+        _fsync_directory(directory)
     except BaseException:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
 
 
+def _keep_previous(path: str) -> None:
+    """``path`` -> ``path.prev`` without a moment where ``path`` is missing: hard-link it under a
+    temporary name, then rename that over the old ``.prev``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    link = os.path.join(directory, f"{_TEMP_PREFIX}prev-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.link(path, link)
+    except OSError:  # a filesystem without hard links: the previous file is simply not kept
+        return
+    os.replace(link, path + PREVIOUS_SUFFIX)
+
+
+def _fsync_directory(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def load_checkpoint_file(path: str) -> dict:
+    """Read and verify a checkpoint; :class:`CorruptCheckpointError` if it cannot be trusted."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass an existing .ckpt file or ckpt_path='last'")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated/corrupt/untrusted files
-        raise ValueError(
-            f"checkpoint {path!r} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r} could not be read ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); "
             "it is truncated, corrupt, or not a scale_ssl checkpoint"
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"checkpoint {path!r} is not a scale_ssl checkpoint (no 'state_dict' entry)")
+        raise CorruptCheckpointError(f"checkpoint {path!r} is not a scale_ssl checkpoint (no 'state_dict' entry)")
+    version = checkpoint.get("format_version")
+    if isinstance(version, int) and version > CHECKPOINT_FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r} has format_version {version}; this scale_ssl reads up to "
+            f"{CHECKPOINT_FORMAT_VERSION}: upgrade scale_ssl to load it"
+        )
+    expected = checkpoint.pop("content_sha256", None)
+    if expected is not None and content_digest(checkpoint) != expected:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r} failed its content checksum (stored sha256 {expected[:12]}..., the "
+            "contents hash differently): the file was damaged after it was written"
+        )
     return checkpoint
+
+
+def checkpoint_candidates(path: str) -> list[str]:
+    """Where a checkpoint named ``path`` may be found, newest first: the file, then the one it replaced."""
+    return [path, path + PREVIOUS_SUFFIX]
+
+
+def resolve_latest_checkpoint(path: str, load=load_checkpoint_file) -> tuple[str | None, dict | None]:
+    """The newest checkpoint among ``path`` and ``path.prev`` that reads and verifies, as
+    ``(path, checkpoint)``; ``(None, None)`` when neither exists. A damaged one is skipped with a
+    warning naming it; if every existing one is damaged, the first error is raised."""
+    first_error = None
+    for candidate in checkpoint_candidates(path):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return candidate, load(candidate)
+        except CorruptCheckpointError as err:
+            warnings.warn(f"{err}; trying the previous checkpoint", stacklevel=2)
+            first_error = first_error or err
+    if first_error is not None:
+        raise CorruptCheckpointError(f"no readable checkpoint at {path!r} or {path + PREVIOUS_SUFFIX!r}: {first_error}")
+    return None, None

@@ -26,6 +26,31 @@ class LaunchError(RuntimeError):
     """The process was not started the way the strategy needs (e.g. ddp without torchrun)."""
 
 
+class CollectiveFailure(RuntimeError):
+    """A collective failed on this rank because a peer died or stalled past the timeout; the
+    message names this rank and the step. The process exits non-zero so the elastic agent
+    (``torchrun --max-restarts``) restarts the group from the last checkpoint."""
+
+
+# What gloo/nccl/the TCP store say when a peer is gone or silent (their errors are plain
+# RuntimeErrors in several torch versions, so the message is the only reliable signal).
+_PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout",
+                         "broken pipe", "nccl", "gloo", "socket", "watchdog")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed/timed-out collective (as opposed to a bug in the step)."""
+    if isinstance(err, CollectiveFailure):
+        return False  # already explained
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    if type(err) is not RuntimeError:
+        return False
+    text = str(err).lower()
+    return any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
 @dataclass(frozen=True)
 class ClusterEnvironment:
     """Where this process sits in the job, as told by the launcher."""
@@ -62,6 +87,18 @@ class ClusterEnvironment:
             "trainer.strategy=ddp needs a launcher that sets RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS): "
             "run `torchrun --nproc_per_node N -m scale_ssl fit ...`, or use trainer.strategy=single"
         )
+
+
+def _restart_scoped_store(env: ClusterEnvironment, timeout: datetime.timedelta):
+    """Under torchrun the workers meet in the elastic agent's key-value store, which outlives a
+    restart; the process group of a restarted worker group would then read the dead group's
+    addresses (gloo: "connection refused", then a hang until the timeout). Keys are therefore
+    scoped by ``TORCHELASTIC_RESTART_COUNT``. ``None`` (the default env:// rendezvous) elsewhere."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"scale_ssl/restart_{restart}", agent_store)
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -120,11 +157,13 @@ class DDPStrategy(Strategy):
         backend = self.backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
         if self.root_device.type == "cuda":
             torch.cuda.set_device(self.root_device)
+        timeout = datetime.timedelta(seconds=self.timeout_s)
         dist.init_process_group(
             backend=backend,
             rank=self.env.rank,
             world_size=self.env.world_size,
-            timeout=datetime.timedelta(seconds=self.timeout_s),
+            timeout=timeout,
+            store=_restart_scoped_store(self.env, timeout),
         )
         self._owns_group = True
         self._collective = TorchDistributedCollective()

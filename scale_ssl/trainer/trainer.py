@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from scale_ssl.strategies import Strategy, build_strategy
-from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION
+from scale_ssl.strategies.checkpoint_io import (
+    CHECKPOINT_FORMAT_VERSION,
+    CorruptCheckpointError,
+    checkpoint_candidates,
+    load_checkpoint_file,
+)
+from scale_ssl.strategies.ddp import CollectiveFailure, is_collective_failure
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer.callback import Callback
 from scale_ssl.trainer.manual_optimization import OptimizerToggle, WrappedOptimizer
@@ -68,6 +74,16 @@ class Trainer:
         default_root_dir: where checkpoints (``checkpoints/``) and the local MLflow store go.
         seed / deterministic: seeding of python/numpy/torch on every rank; deterministic kernels.
         run_config: the resolved run config, stored in checkpoints and logged to MLflow.
+        on_nonfinite_loss: what a NaN/inf loss on any rank does. The check is one all-reduce of a
+            per-rank flag before backward, so every rank takes the same decision. "stop" (default):
+            the step is skipped on all ranks; after ``max_consecutive_nonfinite`` consecutive
+            skipped steps the last good state is checkpointed and ``NonFiniteLossError`` names the
+            step and ranks. "skip": skip such steps and keep going. "off": no check.
+        max_consecutive_nonfinite: consecutive non-finite steps tolerated under "stop".
+
+    Under an elastic restart (torchrun sets ``TORCHELASTIC_RESTART_COUNT > 0``) ``fit`` defaults
+    to ``ckpt_path="last"``: the newest checkpoint that passes its checksum (``last.ckpt``, else the
+    ``last.ckpt.prev`` it replaced); with none yet, training starts from scratch.
     """
 
     def __init__(
@@ -101,8 +117,13 @@ class Trainer:
         run_config: dict | None = None,
         optim_recipe: Any = None,
         strategy_options: dict | None = None,
+        on_nonfinite_loss: str = "stop",
+        max_consecutive_nonfinite: int = 3,
     ):
         _check_int("trainer.max_steps", max_steps, minimum=-1)
+        if on_nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"trainer.on_nonfinite_loss={on_nonfinite_loss!r}; use one of {NONFINITE_POLICIES}")
+        _check_int("trainer.max_consecutive_nonfinite", max_consecutive_nonfinite, minimum=1)
         for name, value in (("max_epochs", max_epochs), ("min_epochs", min_epochs), ("min_steps", min_steps)):
             if value is not None:
                 _check_int(f"trainer.{name}", value, minimum=0)
@@ -165,6 +186,13 @@ class Trainer:
         self.run_config = run_config
         self.optim_recipe = optim_recipe
         self.recipe = None
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.nonfinite_steps_skipped = 0
+        self._consecutive_nonfinite = 0
+        self._skip_window = False
+        self._nonfinite_ranks: list[int] = []
+        self._last_saved: tuple[int, int] | None = None
 
         self.global_step = 0
         self.current_epoch = 0
@@ -252,10 +280,13 @@ class Trainer:
             raise ValueError("no training data: pass train_dataloaders to fit() or implement train_dataloader()")
         self.val_dataloaders = self._loaders(val_dataloaders, "val_dataloader", datamodule)
 
+        if ckpt_path is None and self.enable_checkpointing and elastic_restart_count() > 0:
+            ckpt_path = "last"  # the elastic agent restarted us: continue from the newest good checkpoint
         checkpoint = None
         if ckpt_path is not None:
-            checkpoint = self.strategy.load_checkpoint(self._resolve_ckpt_path(ckpt_path))
-            self._restore(checkpoint)
+            checkpoint = self._load_fit_checkpoint(ckpt_path)
+            if checkpoint is not None:
+                self._restore(checkpoint)
         self.logger = self._build_logger(checkpoint)
         if self.logger is not None and checkpoint is None:
             self.logger.log_hyperparams(self._params_to_log(module))
@@ -277,9 +308,22 @@ class Trainer:
         except KeyboardInterrupt:
             status = "KILLED"
             raise
+        except Exception as err:
+            if is_collective_failure(err):
+                # A peer died or stalls: say who and where, then exit non-zero so the elastic agent
+                # restarts the group (waiting longer would only hang the job).
+                raise CollectiveFailure(
+                    f"rank {self.global_rank} at global step {self.global_step} (epoch {self.current_epoch}, batch "
+                    f"{self._batch_in_epoch}): a collective failed ({type(err).__name__}: "
+                    f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}); another rank died or "
+                    "stalled past the collective timeout (trainer.collective_timeout_s)"
+                ) from err
+            raise
         finally:
             if status == "FINISHED":
-                if self.enable_checkpointing:
+                # Not again if the loop just wrote this very state: the kept ``.prev`` must stay
+                # one checkpoint older, or a damaged last.ckpt would have no real fallback.
+                if self.enable_checkpointing and self._last_saved != (self.global_step, self.current_epoch):
                     self.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
                 self._call("on_fit_end")
             self._finish_logger(status)
@@ -549,15 +593,60 @@ class Trainer:
                             )
                         continue
                     if optimizer is not None:
-                        self.strategy.backward(self.precision.scale(loss / accumulate))
+                        if self._loss_is_nonfinite(loss):
+                            self._skip_window = True  # no backward on any rank: no rank waits in an all-reduce
+                        else:
+                            self.strategy.backward(self.precision.scale(loss / accumulate))
                 if is_step and optimizer is not None:
+                    if self._skip_window:
+                        self._skip_nonfinite_step(optimizer, batch_idx)
+                        continue
                     self._optimizer_step(module, optimizer, opt_idx)
+                    self._consecutive_nonfinite = 0
                     stepped = True
             finally:
                 if multi:
                     self._toggle.untoggle(module)
         self._after_batch(module, outputs, batch, batch_idx)
         return stepped
+
+    def _loss_is_nonfinite(self, loss: torch.Tensor) -> bool:
+        """All ranks decide together: each sets its own slot of a world-sized flag vector, one
+        all-reduce sums them, so every rank sees the same verdict and which ranks went bad."""
+        if self.on_nonfinite_loss == "off":
+            return False
+        flags = torch.zeros(self.world_size, device=loss.device)
+        flags[self.global_rank] = (~torch.isfinite(loss.detach())).any().float()
+        if self.world_size > 1:
+            flags = self.strategy.reduce(flags, op="sum")
+        bad = [int(r) for r in flags.nonzero().flatten().tolist()]
+        if bad:
+            self._nonfinite_ranks = sorted(set(self._nonfinite_ranks) | set(bad))
+        return bool(bad)
+
+    def _skip_nonfinite_step(self, optimizer, batch_idx: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self._skip_window = False
+        self._consecutive_nonfinite += 1
+        self.nonfinite_steps_skipped += 1
+        where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}); non-finite on "
+                 f"rank(s) {self._nonfinite_ranks}")
+        self._nonfinite_ranks = []
+        if self.on_nonfinite_loss == "stop" and self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            path = None
+            if self.enable_checkpointing:
+                # Skipped steps changed no weight: this is the last good state. Resume starts after
+                # the bad batches.
+                self._batch_in_epoch = batch_idx + 1
+                path = os.path.join(self.checkpoint_dir, "last.ckpt")
+                self.save_checkpoint(path)
+            raise NonFiniteLossError(
+                f"loss was NaN/inf for {self._consecutive_nonfinite} consecutive steps, the last at {where}; "
+                + (f"the last good state is in {path}" if path else "checkpointing is off, nothing was saved")
+                + "; lower the learning rate or check the data, or set trainer.on_nonfinite_loss=skip"
+            )
+        if self.is_global_zero:
+            warnings.warn(f"non-finite loss at {where}: step skipped on every rank", stacklevel=3)
 
     def _run_step(self, module: SSLModule, batch, batch_idx: int, opt_idx: int | None):
         args = (batch, batch_idx) if opt_idx is None else (batch, batch_idx, opt_idx)
@@ -845,6 +934,31 @@ class Trainer:
             checkpoint["data_state"] = self.train_dataloader.state_dict()
         module.on_save_checkpoint(checkpoint)
         self.strategy.save_checkpoint(checkpoint, path)
+        if os.path.basename(path) == "last.ckpt":
+            self._last_saved = (self.global_step, self.current_epoch)
+
+    def _load_fit_checkpoint(self, ckpt_path: str) -> dict | None:
+        """The checkpoint to resume from. ``"last"``: rank zero picks the newest that verifies
+        (``last.ckpt``, else ``last.ckpt.prev``) and tells every rank, so all load the same one;
+        ``None`` (start from scratch) when no checkpoint exists yet."""
+        if ckpt_path != "last":
+            return self.strategy.load_checkpoint(self._resolve_ckpt_path(ckpt_path))
+        choice = None
+        if self.is_global_zero:
+            choice = _newest_good_checkpoint(self._resolve_ckpt_path("last"))
+        kind, value = self.strategy.broadcast_object(choice or ("none", None), src=0)
+        if kind == "error":
+            raise CorruptCheckpointError(value)
+        if kind == "none":
+            if self.is_global_zero:
+                warnings.warn(f"ckpt_path='last': no checkpoint in {self.checkpoint_dir!r} yet; training starts from scratch",
+                              stacklevel=3)
+            return None
+        checkpoint = self.strategy.load_checkpoint(value)
+        if self.is_global_zero:
+            print(f"scale_ssl: resuming from {value} at global step {checkpoint.get('global_step')} (restart "
+                  f"{elastic_restart_count()}; the newest checkpoint that passed its checksum)", flush=True)
+        return checkpoint
 
     def _resolve_ckpt_path(self, ckpt_path: str) -> str:
         if ckpt_path == "last":
@@ -908,6 +1022,41 @@ class Trainer:
         params["module"] = {"class": type(module).__name__, **module.hparams}
         params["strategy"] = {"name": self.strategy.name, "world_size": self.world_size}
         return params
+
+
+NONFINITE_POLICIES = ("stop", "skip", "off")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for ``max_consecutive_nonfinite`` steps (on_nonfinite_loss="stop")."""
+
+
+def elastic_restart_count() -> int:
+    """How often torchrun's elastic agent has restarted this worker group (0 on the first start)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def _newest_good_checkpoint(last: str) -> tuple[str, str | None]:
+    """(kind, value) for the broadcast: ("path", p) of the newest candidate that verifies,
+    ("none", None) when none exists, ("error", message) when all that exist are damaged."""
+    errors = []
+    for candidate in checkpoint_candidates(last):
+        if not os.path.exists(candidate):
+            continue
+        if os.path.isdir(candidate):  # a DeepSpeed checkpoint: its engine verifies its own shards
+            return ("path", candidate)
+        try:
+            load_checkpoint_file(candidate)
+            return ("path", candidate)
+        except CorruptCheckpointError as err:
+            warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=3)
+            errors.append(str(err))
+    if errors:
+        return ("error", f"no readable checkpoint to resume from: {' | '.join(errors)}")
+    return ("none", None)
 
 
 def _extract_loss(outputs) -> torch.Tensor | None:
