@@ -15,15 +15,26 @@ Rules this logger keeps, and why:
   ``sqlite:///<default_root_dir>/mlflow.db`` and artifacts go to ``<default_root_dir>/mlartifacts``
   (MLflow would otherwise write them to ``./mlruns`` in whatever directory the job started from).
 
+* **A tracking outage never stops training.** When the server is down or answers 5xx, metrics
+  are kept in a bounded buffer (``max_buffered_metrics``; the oldest are dropped past it, and
+  counted) and resent, oldest first, at most every ``retry_interval_s`` and at ``finalize``; one
+  warning per outage, one line when it is over. Metric requests make a single short attempt
+  (``request_timeout_s``, no MLflow-side retries): the buffer is the retry, so a dead server
+  costs a step at most that long. Params, tags and artifacts that fail during an outage are
+  skipped under the same single warning. A 4xx answer (a bad value, not an outage) drops that
+  batch with its own warning rather than retrying it forever.
+
 All MLflow access goes through :class:`mlflow.tracking.MlflowClient` (not the fluent
 ``mlflow.start_run`` API), so no process-global "active run" is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import shlex
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +65,9 @@ class MLflowLogger:
         tags: run tags; values are stringified.
         default_root_dir: folder of the local default store and of its artifacts.
         rank: the process's global rank; every rank but 0 makes no MLflow call at all.
+        max_buffered_metrics: metric values kept while the server is unreachable.
+        retry_interval_s: during an outage, how often sending is tried again.
+        request_timeout_s: how long one metric request may take before it counts as failed.
     """
 
     def __init__(
@@ -65,6 +79,9 @@ class MLflowLogger:
         tags: Mapping[str, Any] | None = None,
         default_root_dir: str | os.PathLike = "runs",
         rank: int = 0,
+        max_buffered_metrics: int = 100_000,
+        retry_interval_s: float = 10.0,
+        request_timeout_s: float = 10.0,
     ):
         if not isinstance(rank, int) or rank < 0:
             raise ValueError(
@@ -99,6 +116,17 @@ class MLflowLogger:
         self._warned_changed_params: set[str] = set()
         # Every metric value logged by this process, for plots: key -> [(step, value), ...].
         self._history: dict[str, list[tuple[int, float]]] = {}
+        if not isinstance(max_buffered_metrics, int) or max_buffered_metrics < 1:
+            raise ValueError(f"MLflowLogger: max_buffered_metrics must be an int >= 1, got {max_buffered_metrics!r}")
+        self.max_buffered_metrics = max_buffered_metrics
+        self.retry_interval_s = float(retry_interval_s)
+        self.request_timeout_s = float(request_timeout_s)
+        # Metrics not yet accepted by the server, oldest first; outage bookkeeping.
+        self._pending: list = []
+        self._outage_since: float | None = None
+        self._last_attempt = 0.0
+        self.dropped_metrics = 0
+        self.outages = 0
 
     # ------------------------------------------------------------------ run lifecycle
 
@@ -110,7 +138,9 @@ class MLflowLogger:
         """
         if self.rank != 0:
             return self._resume_run_id
-        return self._ensure_run()
+        with self._tolerating_outage("the run id"):
+            return self._ensure_run()
+        return self._run_id or self._resume_run_id
 
     def continue_run(self, run_id: str) -> None:
         """Append to ``run_id`` instead of creating a run (the trainer calls this on resume with the
@@ -131,10 +161,21 @@ class MLflowLogger:
             raise ValueError(
                 f"MLflowLogger.finalize: status must be one of {RUN_STATUSES}, got {status!r}"
             )
-        if self.rank != 0 or self._run_id is None or self._finalized:
+        if self.rank != 0 or self._finalized:
             return
-        self._client.set_terminated(self._run_id, status=status)
-        self._finalized = True
+        if self._pending:
+            self._flush_metrics(force=True)
+            if self._pending:
+                warnings.warn(
+                    f"MLflowLogger: {len(self._pending)} metric values could not be delivered to "
+                    f"{self.tracking_uri!r} (server still unreachable at the end of the run)",
+                    stacklevel=2,
+                )
+        if self._run_id is None:
+            return
+        with self._tolerating_outage("ending the run"):
+            self._client.set_terminated(self._run_id, status=status)
+            self._finalized = True
 
     def __enter__(self) -> MLflowLogger:
         return self
@@ -170,13 +211,18 @@ class MLflowLogger:
         """
         if self.rank != 0:
             return
-        from mlflow.entities import Param, RunTag
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         flat = {key: str(value) for key, value in flatten_dict(params).items()}
         truncated = {key for key, value in flat.items() if len(value) > MAX_PARAM_VAL_LENGTH}
         for key in truncated:
             flat[key] = flat[key][:MAX_PARAM_VAL_LENGTH]
+        with self._tolerating_outage("params"):
+            self._log_params(flat, truncated)
+
+    def _log_params(self, flat: dict[str, str], truncated: set[str]) -> None:
+        from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
         run_id = self._ensure_run()
         if self._logged_params is None:
@@ -221,9 +267,77 @@ class MLflowLogger:
         for key, value in metrics.items():
             number = _to_float(key, value)
             entries.append(Metric(key=key, value=number, timestamp=timestamp_ms, step=step))
-        self._log_batch(metrics=entries)
         for entry in entries:
             self._history.setdefault(entry.key, []).append((step, entry.value))
+        self._pending.extend(entries)
+        overflow = len(self._pending) - self.max_buffered_metrics
+        if overflow > 0:  # bounded: an endless outage must not grow memory without limit
+            del self._pending[:overflow]
+            self.dropped_metrics += overflow
+        self._flush_metrics()
+
+    def _flush_metrics(self, force: bool = False) -> None:
+        """Send buffered metrics, oldest first, in MLflow-sized chunks; a chunk leaves the buffer
+        only once the server accepted it. During an outage, try at most every retry_interval_s."""
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+        now = time.monotonic()
+        if self._outage_since is not None and not force and now - self._last_attempt < self.retry_interval_s:
+            return
+        self._last_attempt = now
+        try:
+            with _single_short_attempt(self.request_timeout_s):
+                run_id = self._ensure_run()
+                while self._pending:
+                    chunk = self._pending[:MAX_METRICS_PER_BATCH]
+                    try:
+                        self._client.log_batch(run_id, metrics=chunk)
+                    except Exception as error:
+                        if _is_outage(error):
+                            raise
+                        warnings.warn(
+                            f"MLflowLogger: the server refused {len(chunk)} metric values "
+                            f"({_first_line(error)}); they are dropped",
+                            stacklevel=3,
+                        )
+                    del self._pending[: len(chunk)]
+        except Exception as error:
+            if not _is_outage(error):
+                raise
+            self._enter_outage(error)
+            return
+        self._leave_outage()
+
+    def _enter_outage(self, error: BaseException) -> None:
+        if self._outage_since is not None:
+            return
+        self._outage_since = time.monotonic()
+        self.outages += 1
+        warnings.warn(
+            f"MLflowLogger: tracking server {self.tracking_uri!r} is unreachable ({_first_line(error)}); "
+            f"training continues, metrics are buffered (up to {self.max_buffered_metrics}) and resent every "
+            f"{self.retry_interval_s:g} s; this is the only warning for this outage",
+            stacklevel=4,
+        )
+
+    def _leave_outage(self) -> None:
+        if self._outage_since is None:
+            return
+        seconds = time.monotonic() - self._outage_since
+        self._outage_since = None
+        dropped = f"; {self.dropped_metrics} values were dropped (buffer full)" if self.dropped_metrics else ""
+        print(f"MLflowLogger: tracking server {self.tracking_uri!r} is back after {seconds:.0f} s; "
+              f"buffered metrics delivered{dropped}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def _tolerating_outage(self, what: str):
+        """Run an MLflow call; if the server is unreachable, note the outage (one warning) and go on."""
+        try:
+            yield
+        except Exception as error:
+            if not _is_outage(error):
+                raise
+            self._enter_outage(error)
 
     # ------------------------------------------------------------------ artifacts
 
@@ -232,8 +346,8 @@ class MLflowLogger:
         ``"config/resolved.txt"``)."""
         if self.rank != 0:
             return
-        run_id = self._ensure_run()
-        self._client.log_text(run_id, text, artifact_file)
+        with self._tolerating_outage(f"artifact {artifact_file}"):
+            self._client.log_text(self._ensure_run(), text, artifact_file)
 
     def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
         """Store ``dictionary`` as YAML (``.yaml``/``.yml``) or JSON (``.json``), chosen by the
@@ -246,8 +360,8 @@ class MLflowLogger:
             )
         if self.rank != 0:
             return
-        run_id = self._ensure_run()
-        self._client.log_dict(run_id, _to_plain_data(dictionary), artifact_file)
+        with self._tolerating_outage(f"artifact {artifact_file}"):
+            self._client.log_dict(self._ensure_run(), _to_plain_data(dictionary), artifact_file)
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Upload a file, or a directory's contents, under ``artifact_path`` (the run's artifact
@@ -259,11 +373,12 @@ class MLflowLogger:
             raise FileNotFoundError(
                 f"MLflowLogger.log_artifact: local_path={str(local_path)!r} does not exist"
             )
-        run_id = self._ensure_run()
-        if path.is_dir():
-            self._client.log_artifacts(run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(run_id, str(path), artifact_path)
+        with self._tolerating_outage(f"artifact {local_path}"):
+            run_id = self._ensure_run()
+            if path.is_dir():
+                self._client.log_artifacts(run_id, str(path), artifact_path)
+            else:
+                self._client.log_artifact(run_id, str(path), artifact_path)
 
     def log_metric_curves(
         self,
@@ -281,6 +396,10 @@ class MLflowLogger:
             return
         if isinstance(keys, str):
             keys = (keys,)
+        with self._tolerating_outage("the metric plot"):
+            self._plot_curves(keys, artifact_file)
+
+    def _plot_curves(self, keys: Sequence[str], artifact_file: str) -> None:
         self._ensure_run()
         series = {key: self._metric_series(key) for key in keys}
         missing = [key for key, points in series.items() if not points]
@@ -469,6 +588,45 @@ class NullLogger:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         pass
+
+
+def _is_outage(error: BaseException) -> bool:
+    """Unreachable or failing server (connection errors, timeouts, 5xx), as opposed to a request
+    the server refused (4xx), which retrying would not fix."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500
+    try:
+        import requests
+
+        if isinstance(error, requests.exceptions.RequestException):
+            return True
+    except ImportError:
+        pass
+    return isinstance(error, (ConnectionError, TimeoutError))
+
+
+@contextlib.contextmanager
+def _single_short_attempt(timeout_s: float):
+    """One HTTP attempt with a short timeout for the calls inside (MLflow reads these settings
+    per request); the logger's buffer does the retrying."""
+    overrides = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout_s)))}
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _to_float(key: str, value: Any) -> float:
