@@ -43,7 +43,7 @@ def load_config(
     if overrides:
         try:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as err:
+        except Exception as err:  # OmegaConf's own errors, and YAML's for values it cannot parse
             raise ConfigError(f"overrides {list(overrides)}: {_first_line(err)}") from None
     try:
         config = OmegaConf.merge(*layers)
@@ -53,8 +53,8 @@ def load_config(
     except ValidationError as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config: {_first_line(err)}") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as err:  # e.g. a mapping where a list belongs
+        raise ConfigError(f"config: {_first_line(err)}; compare with the schema in scale_ssl/config/schema.py") from None
     validate_config(config)
     return config
 
@@ -114,6 +114,8 @@ def validate_config(config: DictConfig) -> None:
 def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: int) -> int:
     """Design contract 1: the global batch is what the config names; the device batch follows."""
     denominator = world_size * accumulate
+    if global_batch_size < 1:
+        raise ConfigError(f"trainer.global_batch_size={global_batch_size} must be >= 1 (a multiple of {denominator})")
     if global_batch_size % denominator != 0:
         raise ConfigError(
             f"trainer.global_batch_size={global_batch_size} is not divisible by world_size ({world_size}) x "
