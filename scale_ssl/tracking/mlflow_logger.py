@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import re
 import shlex
 import sys
 import time
@@ -168,7 +169,7 @@ class MLflowLogger:
             if self._pending:
                 warnings.warn(
                     f"MLflowLogger: {len(self._pending)} metric values could not be delivered to "
-                    f"{self.tracking_uri!r} (server still unreachable at the end of the run)",
+                    f"{redact_credentials(self.tracking_uri)!r} (server still unreachable at the end of the run)",
                     stacklevel=2,
                 )
         if self._run_id is None:
@@ -213,7 +214,9 @@ class MLflowLogger:
             return
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-        flat = {key: str(value) for key, value in flatten_dict(params).items()}
+        # Credentials in URIs (http://user:token@host) never reach params: anyone who can read
+        # the run could read them.
+        flat = {key: redact_credentials(str(value)) for key, value in flatten_dict(params).items()}
         truncated = {key for key, value in flat.items() if len(value) > MAX_PARAM_VAL_LENGTH}
         for key in truncated:
             flat[key] = flat[key][:MAX_PARAM_VAL_LENGTH]
@@ -314,7 +317,7 @@ class MLflowLogger:
         self._outage_since = time.monotonic()
         self.outages += 1
         warnings.warn(
-            f"MLflowLogger: tracking server {self.tracking_uri!r} is unreachable ({_first_line(error)}); "
+            f"MLflowLogger: tracking server {redact_credentials(self.tracking_uri)!r} is unreachable ({_first_line(error)}); "
             f"training continues, metrics are buffered (up to {self.max_buffered_metrics}) and resent every "
             f"{self.retry_interval_s:g} s; this is the only warning for this outage",
             stacklevel=4,
@@ -326,7 +329,7 @@ class MLflowLogger:
         seconds = time.monotonic() - self._outage_since
         self._outage_since = None
         dropped = f"; {self.dropped_metrics} values were dropped (buffer full)" if self.dropped_metrics else ""
-        print(f"MLflowLogger: tracking server {self.tracking_uri!r} is back after {seconds:.0f} s; "
+        print(f"MLflowLogger: tracking server {redact_credentials(self.tracking_uri)!r} is back after {seconds:.0f} s; "
               f"buffered metrics delivered{dropped}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
@@ -544,7 +547,7 @@ class MLflowLogger:
 
     def __repr__(self) -> str:
         return (
-            f"MLflowLogger(tracking_uri={self.tracking_uri!r}, "
+            f"MLflowLogger(tracking_uri={redact_credentials(self.tracking_uri)!r}, "
             f"experiment_name={self.experiment_name!r}, "
             f"run_id={self._run_id or self._resume_run_id!r}, rank={self.rank})"
         )
@@ -625,7 +628,7 @@ def _single_short_attempt(timeout_s: float):
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    text = redact_credentials(str(error).strip())
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
@@ -652,9 +655,19 @@ def _to_plain_data(value: Any) -> Any:
         return {str(key): _to_plain_data(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_plain_data(item) for item in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return redact_credentials(value)
+    if value is None or isinstance(value, (bool, int, float)):
         return value
-    return str(value)
+    return redact_credentials(str(value))
+
+
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``scheme://user:secret@host/...`` -> ``scheme://***@host/...`` (for params, artifacts, logs)."""
+    return _URI_CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def _sqlite_file(tracking_uri: str) -> str | None:
