@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.data import ShardedImageStream
+from scale_ssl.data.shard_source import ShardSourceError
 from scale_ssl.methods import METHODS
 from scale_ssl.optim import OptimRecipe, effective_lr
 from scale_ssl.strategies import build_strategy
@@ -77,7 +78,10 @@ def run_fit(config: DictConfig):
     batch_size = per_device_batch_size(t.global_batch_size, strategy.world_size, t.accumulate_grad_batches)
     if hasattr(strategy, "micro_batch_size"):  # DeepSpeed's config names the per-device batch
         strategy.micro_batch_size = batch_size
-    stream = build_train_stream(config, strategy, batch_size)
+    try:
+        stream = build_train_stream(config, strategy, batch_size)
+    except ShardSourceError as err:  # unreachable/mistyped shard URL at start-up: a one-line input error
+        raise ConfigError(f"data.train_shards={config.data.train_shards!r}: {err}") from None
 
     resolved["derived"] = {
         "world_size": strategy.world_size,

@@ -134,6 +134,11 @@ def test_cli_bad_input_is_one_line_and_a_nonzero_exit(fmnist_shards, tmp_path, c
         "missing checkpoint": ["fit", "--config", CONFIG, *single, f"trainer.ckpt_path={tmp_path / 'none.ckpt'}"],
         "corrupt checkpoint": ["fit", "--config", CONFIG, *single, f"trainer.ckpt_path={corrupt}"],
         "missing shards": ["fit", "--config", CONFIG, *single, f"data.train_shards={tmp_path / 'no_shards'}"],
+        "unreachable shard URL": ["fit", "--config", CONFIG, *single, "data.retries=0",
+                                  "data.train_shards=http://127.0.0.1:9/shard-{000..003}.tar"],
+        "unsupported shard scheme": ["fit", "--config", CONFIG, *single, "data.train_shards=ftp://host/s-{0..3}.tar"],
+        "precision the device lacks": ["fit", "--config", CONFIG, *single, "trainer.precision=16-mixed",
+                                       "trainer.accelerator=cpu"],
         "ddp without a launcher": ["fit", "--config", CONFIG, *fit_overrides(fmnist_shards, tmp_path / "run")],
         "export of a corrupt checkpoint": ["export", "--ckpt", str(corrupt), "--out", str(tmp_path / "e.pt")],
     }
