@@ -309,7 +309,7 @@ class Trainer:
             status = "KILLED"
             raise
         except Exception as err:
-            if is_collective_failure(err):
+            if self.world_size > 1 and is_collective_failure(err):
                 # A peer died or stalls: say who and where, then exit non-zero so the elastic agent
                 # restarts the group (waiting longer would only hang the job).
                 raise CollectiveFailure(
