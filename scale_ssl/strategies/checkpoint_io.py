@@ -9,7 +9,7 @@ checkpoint survives even a file that was later damaged on disk.
 Integrity: every checkpoint carries ``format_version`` and ``content_sha256``, a SHA-256 over
 its keys, plain values and tensor bytes (:func:`content_digest`). Reading recomputes it; a
 truncated, bit-flipped or half-copied file fails with :class:`CorruptCheckpointError` naming the
-file, and ``resolve_latest_checkpoint`` falls back to the previous good one.
+file, and the trainer's ``ckpt_path="last"`` falls back to the previous good one.
 
 Trust: files are read with ``torch.load(weights_only=True)``. Our checkpoints hold only tensors
 and plain Python types, so loading one never unpickles arbitrary objects; a file that needs
@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import warnings
 
 import torch
 
@@ -147,21 +146,3 @@ def load_checkpoint_file(path: str) -> dict:
 def checkpoint_candidates(path: str) -> list[str]:
     """Where a checkpoint named ``path`` may be found, newest first: the file, then the one it replaced."""
     return [path, path + PREVIOUS_SUFFIX]
-
-
-def resolve_latest_checkpoint(path: str, load=load_checkpoint_file) -> tuple[str | None, dict | None]:
-    """The newest checkpoint among ``path`` and ``path.prev`` that reads and verifies, as
-    ``(path, checkpoint)``; ``(None, None)`` when neither exists. A damaged one is skipped with a
-    warning naming it; if every existing one is damaged, the first error is raised."""
-    first_error = None
-    for candidate in checkpoint_candidates(path):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            return candidate, load(candidate)
-        except CorruptCheckpointError as err:
-            warnings.warn(f"{err}; trying the previous checkpoint", stacklevel=2)
-            first_error = first_error or err
-    if first_error is not None:
-        raise CorruptCheckpointError(f"no readable checkpoint at {path!r} or {path + PREVIOUS_SUFFIX!r}: {first_error}")
-    return None, None

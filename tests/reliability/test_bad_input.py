@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import pytest
-import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +26,7 @@ from hypothesis import strategies as st
 from scale_ssl.config import ConfigError, load_config, per_device_batch_size
 from scale_ssl.config.schema import DataConfig, EvalConfig, PlanConfig, TrackingConfig, TrainerConfig
 from scale_ssl.methods import METHODS
-from tests.reliability._procs import CONFIG, REPO, fit_overrides, subprocess_env
+from tests.reliability._procs import CONFIG, fit_overrides, subprocess_env
 
 SECTIONS = {"trainer": TrainerConfig, "data": DataConfig, "tracking": TrackingConfig, "eval": EvalConfig,
             "plan": PlanConfig}

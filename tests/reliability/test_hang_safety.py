@@ -4,7 +4,6 @@ non-zero so the elastic agent can restart the group."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
