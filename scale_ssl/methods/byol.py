@@ -108,7 +108,11 @@ class BYOL(SSLModule):
         p1, p2 = self.predictor(self.projector(self.encoder(both))).chunk(2)
         with torch.no_grad():
             z1, z2 = self.target_projector(self.target_encoder(both)).chunk(2)
-        loss = self.criterion(p1, p2, z1, z2)
+        return {"p1": p1, "p2": p2, "z1": z1, "z2": z2}
+
+    def training_step_end(self, outputs):
+        # The mean over the whole batch (every dp part), not a mean of part means.
+        loss = self.criterion(outputs["p1"], outputs["p2"], outputs["z1"], outputs["z2"])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/tau", self.current_tau)
         return loss

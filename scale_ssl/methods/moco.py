@@ -140,10 +140,15 @@ class MoCoV2(SSLModule):
 
     def training_step(self, batch, batch_idx: int):
         (x_q, x_k), _labels = batch
+        return {"q": self.projection(self.encoder(x_q)), "k": self._keys(x_k)}
+
+    def training_step_end(self, outputs):
+        # The loss and the keys to enqueue are taken here so that under strategy=dp every part's
+        # keys enter the queue once (a per-part stash from threads would keep only one part's).
+        q, k = outputs["q"], outputs["k"]
         if self._ema_step == 0 and self.global_step == 0:
-            _check_queue_divides(self.queue.length, x_q.shape[0] * self.collective.world_size)
-        q = self.projection(self.encoder(x_q))
-        k = self._keys(x_k)
+            # q holds this rank's whole batch here (all dp parts), so this is the global batch
+            _check_queue_divides(self.queue.length, q.shape[0] * self.collective.world_size)
         loss, top1 = self.criterion(q, k, self.queue.keys.to(q.device))
         # Enqueued after backward (on_train_batch_end): the loss still needs this queue.
         self._keys_to_enqueue = self.collective.all_gather(k, grad=False)

@@ -100,6 +100,11 @@ class SimSiam(SSLModule):
         p = self.predictor(z)
         z1, z2 = z.chunk(2)
         p1, p2 = p.chunk(2)
+        return {"p1": p1, "p2": p2, "z1": z1, "z2": z2}
+
+    def training_step_end(self, outputs):
+        # The mean over the whole batch (every dp part), not a mean of part means.
+        p1, p2, z1, z2 = outputs["p1"], outputs["p2"], outputs["z1"], outputs["z2"]
         loss = self.criterion(p1, p2, z1, z2)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         # Collapse monitor (paper, fig. 2): the per-dimension std of normalised z, ~1/sqrt(d) when healthy.

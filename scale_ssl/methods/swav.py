@@ -180,10 +180,23 @@ class SwAV(SSLModule):
                 f"SwAV expects {total} crops per image (model.num_crops={self.hparams['num_crops']}), got {got}; "
                 "set data.views.num_crops to model.num_crops"
             )
-        self._normalize_prototypes()
         b = crops[0].shape[0]
         embedding, scores = self.multicrop_forward(crops)
+        # Per crop, so that strategy=dp's gather (concatenation along dim 0) rebuilds each crop's
+        # full batch rather than interleaving the parts' crops.
+        return {"embedding": list(embedding.split(b)), "scores": list(scores.split(b))}
 
+    def on_train_batch_start(self, batch, batch_idx: int):
+        # Once per (micro-)batch before any forward: under dp the parts then share one normalised
+        # weight instead of each thread rewriting it while another reads it.
+        self._normalize_prototypes()
+
+    def training_step_end(self, outputs):
+        """Sinkhorn codes, the swapped-prediction loss and the queue push, on the whole batch:
+        this rank's part under single/ddp/deepspeed/xla (Sinkhorn's sums are all-reduced), every
+        device's parts under dp (one process, so the same code sees the full batch)."""
+        b = outputs["embedding"][0].shape[0]
+        embedding, scores = torch.cat(outputs["embedding"]), torch.cat(outputs["scores"])
         queue_scores = None
         queue = self.queue
         if queue is not None and self.current_epoch >= self.hparams["epoch_queue_starts"]:
