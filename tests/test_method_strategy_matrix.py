@@ -51,10 +51,10 @@ def overrides(method: str, shards, root, strategy: str) -> list[str]:
     ]
 
 
-def _run_methods(rank, world, shards, root, strategy) -> dict:
-    """All methods one after the other in this process (a new process group per fit)."""
+def _run_methods(rank, world, shards, root, strategy, methods=tuple(METHODS)) -> dict:
+    """The methods one after the other in this process."""
     out = {}
-    for method in METHODS:
+    for method in methods:
         config = load_config(os.path.join(REPO, "configs", method, "fmnist_cpu.yaml"), overrides(method, shards, root, strategy))
         trainer, _ = run_fit(config)
         losses = [row["train/loss"] for row in trainer.history if "train/loss" in row]
@@ -63,8 +63,7 @@ def _run_methods(rank, world, shards, root, strategy) -> dict:
 
 
 def check(results: dict) -> None:
-    for method in METHODS:
-        steps, losses = results[method]
+    for method, (steps, losses) in results.items():
         assert steps == STEPS and len(losses) == STEPS, (method, steps, losses)
         assert all(math.isfinite(x) for x in losses), (method, losses)
 
@@ -75,14 +74,25 @@ def test_every_method_runs_in_one_process(strategy, fmnist_shards, tmp_path):
     check(_run_methods(0, 1, str(fmnist_shards), str(tmp_path), strategy))
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
-def test_every_method_runs_on_two_ranks(strategy, fmnist_shards, tmp_path):
-    results = run_on_ranks(_run_methods, 2, str(fmnist_shards), str(tmp_path), strategy)
+# DeepSpeed x the three methods whose step has no gather of its own runs in `make test-all` only,
+# to keep CI's suite short (each DeepSpeed start costs ~20 s here).
+TWO_RANK_CASES = [(s, m) for s in ("ddp", "deepspeed") for m in METHODS]
+TWO_RANK_CASES = [
+    pytest.param(s, m, marks=pytest.mark.slow) if s == "deepspeed" and m in ("moco", "byol", "simsiam") else (s, m)
+    for s, m in TWO_RANK_CASES
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy,method", TWO_RANK_CASES)
+def test_every_method_runs_on_two_ranks(strategy, method, fmnist_shards, tmp_path):
+    # One method per spawn: a second init_process_group in the same processes on the same
+    # MASTER_PORT can stall in gloo's rendezvous (seen here), which a real launch never does.
+    results = run_on_ranks(_run_methods, 2, str(fmnist_shards), str(tmp_path), strategy, (method,))
     for rank_results in results:
         check(rank_results)
-    for method in METHODS:  # the logged loss is the global one: the same on both ranks
-        assert results[0][method][1] == pytest.approx(results[1][method][1], rel=1e-5), method
+    # the logged loss is the global one: the same on both ranks
+    assert results[0][method][1] == pytest.approx(results[1][method][1], rel=1e-5), method
 
 
 # -- dp x 2 == single on the whole batch -------------------------------------------------------------
