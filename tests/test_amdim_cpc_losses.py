@@ -60,8 +60,6 @@ def plain_cpc(task: CPCTask, z):
     b, _, h, w = z.shape
     per_offset = []
     for k, predictor in zip(task.offsets, task.predictors):
-        if k >= h:
-            break
         predictions = task.embed_scale * predictor(context)
         terms = []
         for i in range(b):
@@ -169,6 +167,8 @@ def test_bad_tclip_is_a_clear_error(bad):
 def test_cpc_grid_too_short_for_the_offsets_is_a_clear_error():
     with pytest.raises(ValueError, match="patch grid has 2 rows.*steps_to_ignore=2"):
         CPCTask(4, steps_to_ignore=2)(torch.randn(2, 4, 2, 5))
+    with pytest.raises(ValueError, match=r"patch grid has 4 rows, but the task predicts up to 4 rows below .*steps_to_predict=3"):
+        CPCTask(4, steps_to_ignore=2, steps_to_predict=3)(torch.randn(2, 4, 4, 5))
     with pytest.raises(ValueError, match="steps_to_predict must be an int >= 1"):
         CPCTask(4, steps_to_predict=0)
 

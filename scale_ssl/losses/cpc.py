@@ -110,10 +110,13 @@ class CPCTask(nn.Module):
         return range(self.steps_to_ignore, self.steps_to_ignore + self.steps_to_predict)
 
     def check_grid(self, grid_height: int, owner: str = "CPCTask") -> None:
-        if grid_height <= self.steps_to_ignore:
+        # Every offset must fit: a predictor that never runs would leave DDP waiting for its gradient.
+        last = self.offsets[-1]
+        if grid_height <= last:
             raise ValueError(
-                f"{owner}: the patch grid has {grid_height} rows, so no row lies steps_to_ignore={self.steps_to_ignore} "
-                f"rows below another; lower steps_to_ignore, or use smaller patches / more overlap"
+                f"{owner}: the patch grid has {grid_height} rows, but the task predicts up to {last} rows below "
+                f"(steps_to_ignore={self.steps_to_ignore} + steps_to_predict={self.steps_to_predict} - 1); lower "
+                f"steps_to_predict or steps_to_ignore, or use smaller patches / more overlap"
             )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -132,8 +135,6 @@ class CPCTask(nn.Module):
             first_image = torch.arange(b, device=z.device) + collective.rank_offset(b, device=z.device)
             losses = []
             for k, predictor in zip(self.offsets, self.predictors):
-                if k >= h:
-                    break  # no row lies k below any other; check_grid guarantees the first offset fits
                 predictions = (self.embed_scale * predictor(context[:, :, : h - k])).permute(0, 2, 3, 1)  # (b, h-k, w, T)
                 logits = predictions.reshape(-1, predictions.shape[-1]) @ candidates.t()
                 rows = torch.arange(h - k, device=z.device)
