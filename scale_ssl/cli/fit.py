@@ -128,9 +128,15 @@ def run_fit(config: DictConfig):
     )
     if strategy.is_global_zero:
         d = resolved["derived"]
+        per_process = d["per_device_batch_size"]
+        if t.strategy == "dp":  # one process whose batch is split into parts, one per device
+            parts = t.devices
+            split = f"{per_process} split into {parts} dp parts of ~{per_process // parts}"
+        else:
+            split = f"{per_process}/device x {d['world_size']}"
         print(
             f"scale_ssl fit: {config.method} on {strategy.name} x{d['world_size']}, global batch "
-            f"{t.global_batch_size} = {d['per_device_batch_size']}/device x {d['world_size']} x "
+            f"{t.global_batch_size} = {split} x "
             f"{t.accumulate_grad_batches} accum; {d['steps_per_epoch']} steps/epoch over {d['samples_per_epoch']} "
             f"samples ({d['samples_dropped_per_epoch']} dropped per epoch so every rank runs equal steps); "
             f"{d['negatives_per_anchor']} negatives per anchor",
