@@ -18,7 +18,7 @@ DEMO_RUN := runs/simclr_fmnist
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-all install xla-install data clean
+.PHONY: demo test test-all install xla-install data clean bench bench-install
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,24 @@ $(XLA_STAMP): requirements-xla.txt pyproject.toml
 	touch $@
 
 xla-install: $(XLA_STAMP)
+
+# The benchmarks' own virtualenv: the peer (Lightning + lightly) is never a dependency of scale_ssl.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_PYTHON ?= $(shell command -v python3.11 || echo $(PYTHON))
+# The issue's workload (ResNet-18, global batch 128 of 32 px); override for a quicker look, e.g.
+# make bench BENCH_ARGS="--global-batch 32 --repeats 3"
+BENCH_ARGS ?= --arch resnet18 --global-batch 128 --steps 3 --warmup 1 --repeats 2
+
+$(BENCH_STAMP): benchmarks/requirements-bench.txt pyproject.toml
+	test -x $(BENCH_PY) || $(BENCH_PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet -r benchmarks/requirements-bench.txt
+	$(BENCH_PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+bench-install: $(BENCH_STAMP)
 
 $(FMNIST):
 	$(SUDO) apt-get update -qq
@@ -66,5 +84,12 @@ test-all: install xla-install $(FMNIST) $(SHELLCHECK)
 	$(PY) -m pytest -m "not xla" -q --durations=25
 	$(XLA_PY) -m pytest -m xla tests/xla -q --durations=25
 
+# The performance benchmarks (about an hour on 2 cores; not CI). Each rewrites its own tables in
+# docs/BENCHMARKS.md with the date, the machine (cores, CPU, load average) and its command line.
+bench: install $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/trainer_overhead.py $(BENCH_ARGS) --json runs/bench/trainer_overhead.json --write-doc
+	$(BENCH_PY) benchmarks/trainer_overhead.py --profile $(BENCH_ARGS) --write-doc
+	$(PY) benchmarks/data_throughput.py --images 96 --repeats 3
+
 clean:
-	rm -rf $(VENV) $(XLA_VENV) .cache runs data .pytest_cache
+	rm -rf $(VENV) $(XLA_VENV) $(BENCH_VENV) .cache runs data .pytest_cache

@@ -301,6 +301,23 @@ def run_suite(args, name: str) -> dict:
     return summary
 
 
+def _load_text() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _facts() -> dict:
+    import torch
+
+    facts = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cores": os.cpu_count(), "cpu": _cpu_model(),
+             "python": platform.python_version(), "torch": torch.__version__, "load_start": _load_text()}
+    for package in ("lightning", "lightly"):
+        try:
+            facts[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    return facts
+
+
 def profile(args) -> None:
     """cProfile one process of ``ours`` and sort the step's time into buckets."""
     import cProfile
@@ -343,16 +360,36 @@ def profile(args) -> None:
         print(f"  tottime {tt * 1000:8.2f} ms  cum {ct:7.3f} s  calls {nc:5d}  {where}")
 
 
-def _markdown(summaries: list[dict], args, command: str) -> str:
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_command(args) -> str:
+    """The command line that reproduces a measurement (from its arguments, so a table re-rendered
+    from ``--json`` names the run that made it)."""
+    return (f"python benchmarks/trainer_overhead.py --suites {' '.join(args.suites)} --arch {args.arch} "
+            f"--global-batch {args.global_batch} --image-size {args.image_size} --steps {args.steps} "
+            f"--warmup {args.warmup} --repeats {args.repeats}")
+
+
+def _markdown(summaries: list[dict], args, facts: dict) -> str:
     goals = {"ours/hand": ("<= 1.03", 1.03), "ours/lightning": ("<= 0.90", 0.90), "ours/ours_local": ("<= 1.05", 1.05)}
-    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {os.cpu_count()} cores ({platform.machine()}), "
-             f"Python {platform.python_version()}, torch {__import__('torch').__version__}; "
-             f"`{command}`. Model {args.arch} (3x3 stem, no max-pool) + head 512-{HIDDEN}-{FEAT}, "
-             f"global batch {args.global_batch} x 2 views of {args.image_size} px, fp32, SGD; "
+    lines = [f"Measured {facts['date']} on {facts['cores']} cores ({facts['cpu']}), Python {facts['python']}, "
+             f"torch {facts['torch']}, lightning {facts.get('lightning', '-')}, lightly {facts.get('lightly', '-')}; "
+             f"load average (1/5/15 min) {facts['load_start']} at the start, {facts['load_end']} at the end. "
+             f"Command: `{measure_command(args)}`. Model {args.arch} (3x3 stem, no max-pool) + head "
+             f"512-{HIDDEN}-{FEAT}, global batch {args.global_batch} x 2 views of {args.image_size} px, fp32, SGD; "
              f"{args.warmup} warm-up step(s), then {args.steps} timed steps per run; {args.repeats} rotations.", "",
-             "| suite | ranks | batch/rank | ratio | step-time ratio: median (min-max) | goal | met | "
-             "peak RSS/rank ratio | step s (ours, other) | load 1-min median (min-max) |",
-             "|---|---:|---:|---|---|---|---|---|---|---|"]
+             "| ranks | batch/rank | ratio | step-time ratio: median (min-max) | goal | met | "
+             "peak RSS/rank ratio | median step s (ours, other) | load 1-min median (min-max) |",
+             "|---:|---:|---|---|---|---|---|---|---|"]
     for s in summaries:
         for pair, r in s["ratios"].items():
             num, den = pair.split("/")
@@ -361,7 +398,7 @@ def _markdown(summaries: list[dict], args, command: str) -> str:
             ours_s = s["contenders"][num]["median_step_s"][0]
             other_s = s["contenders"][den]["median_step_s"][0]
             load = s["load_1min"]
-            lines.append(f"| {s['suite']} | {s['world']} | {s['per_rank_batch']} | {pair} | {med:.3f} ({lo:.3f}-{hi:.3f}) "
+            lines.append(f"| {s['world']} | {s['per_rank_batch']} | {pair} | {med:.3f} ({lo:.3f}-{hi:.3f}) "
                          f"| {goal_text} | {'yes' if med <= goal else 'no'} | {r['peak_rss'][0]:.2f} "
                          f"| {ours_s:.2f}, {other_s:.2f} | {load[0]:.2f} ({load[1]:.2f}-{load[2]:.2f}) |")
     lines += ["", "| suite | contender | peak RSS per rank, MB: median (min-max) | threads/rank |", "|---|---|---|---:|"]
@@ -370,6 +407,28 @@ def _markdown(summaries: list[dict], args, command: str) -> str:
             med, lo, hi = v["peak_rss_mb_per_rank"]
             lines.append(f"| {s['suite']} | {c} | {med:.0f} ({lo:.0f}-{hi:.0f}) | {v['threads_per_rank']} |")
     return "\n".join(lines) + "\n"
+
+
+DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
+SECTION = "## Performance"
+
+
+def write_doc_region(region: str, markdown: str, path: str = DOC) -> None:
+    """Replace the text between ``<!-- region:begin -->`` and ``<!-- region:end -->`` in the
+    ``## Performance`` section (adding the section and markers at the end when missing), so the
+    prose around the tables survives a re-run."""
+    begin, end = f"<!-- {region}:begin -->", f"<!-- {region}:end -->"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        if SECTION not in text:
+            text = text.rstrip("\n") + f"\n\n{SECTION}\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def main(argv=None) -> None:
@@ -384,6 +443,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write the summaries here")
     p.add_argument("--markdown", help="write the result tables here")
     p.add_argument("--profile", action="store_true", help="cProfile 'ours' on one process instead")
+    p.add_argument("--write-doc", action="store_true",
+                   help="rewrite this benchmark's tables in docs/BENCHMARKS.md (## Performance)")
+    p.add_argument("--from-json", help="re-render the tables (and --write-doc) from a --json file; no measuring")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -391,24 +453,52 @@ def main(argv=None) -> None:
         p.error("--warmup and --steps must be >= 1")
     if args.worker:
         return worker(args)
+    command = "python benchmarks/trainer_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.profile:
-        return profile(args)
+        import contextlib
+        import io
+
+        buffer = io.StringIO()
+        load = os.getloadavg()
+        with contextlib.redirect_stdout(buffer):
+            profile(args)
+        print(buffer.getvalue())
+        if args.write_doc:
+            write_doc_region("trainer_profile", f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} cores, "
+                             f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the start; "
+                             f"`{command}`\n\n```\n{buffer.getvalue().rstrip()}\n```")
+        return
+    if args.from_json:
+        saved = json.load(open(args.from_json))
+        run_args = argparse.Namespace(**saved["args"])
+        facts = saved.get("facts") or {"date": "?", "cores": os.cpu_count(), "cpu": _cpu_model(),
+                                       "python": platform.python_version(), "torch": "?", "load_start": "?",
+                                       "load_end": "?"}
+        table = _markdown(saved["summaries"], run_args, facts)
+        print(table)
+        if args.write_doc:
+            write_doc_region("trainer_overhead", table)
+        return
     for name in args.suites:
         if args.global_batch % SUITES[name][0]:
             p.error(f"--global-batch {args.global_batch} is not divisible by suite {name}'s {SUITES[name][0]} ranks")
     summaries = []
+    facts = _facts()
     for name in args.suites:
         summaries.append(run_suite(args, name))
         print(json.dumps(summaries[-1]), flush=True)
-    command = "python benchmarks/trainer_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = _markdown(summaries, args, command)
+    facts["load_end"] = _load_text()
+    table = _markdown(summaries, args, facts)
     print(table)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "summaries": summaries}, f, indent=1)
+            json.dump({"args": vars(args), "facts": facts, "summaries": summaries}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table)
+    if args.write_doc:
+        write_doc_region("trainer_overhead", table)
 
 
 if __name__ == "__main__":
