@@ -116,7 +116,7 @@ def _run_ours(args, world: int, rank: int, local: bool):
             self.ends: list[float] = []
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.ends.append(time.perf_counter())
+            self.ends.append((time.perf_counter(), time.process_time()))
 
     stamp = Stamp()
     model = _simclr(args)
@@ -168,7 +168,7 @@ def _run_hand(args, world: int, rank: int):
         loss.backward()
         optimizer.step()
         schedule.step()
-        ends.append(time.perf_counter())
+        ends.append((time.perf_counter(), time.process_time()))
     return ends, (dist.get_world_size() if world > 1 else 1), _param_checksum(model)
 
 
@@ -207,7 +207,7 @@ def _run_lightning(args, world: int, rank: int):
             self.ends: list[float] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.ends.append(time.perf_counter())
+            self.ends.append((time.perf_counter(), time.process_time()))
 
     L.seed_everything(0, verbose=False)
     stamp = Stamp()
@@ -235,9 +235,11 @@ def worker(args) -> None:
               "lightning": lambda: _run_lightning(args, world, rank)}[args.worker]
     ends, seen_world, checksum = runner()
     ends = ends[args.warmup - 1:]
-    steps = [b - a for a, b in zip(ends, ends[1:])]
+    steps = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
+    cpu_steps = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
     result = {"contender": args.worker, "rank": rank, "world": world, "seen_world": seen_world, "pid": os.getpid(),
-              "steps_s": steps, "median_step_s": statistics.median(steps), "checksum": checksum,
+              "steps_s": steps, "median_step_s": statistics.median(steps), "cpu_steps_s": cpu_steps,
+              "median_cpu_step_s": statistics.median(cpu_steps), "checksum": checksum,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
               "threads": torch.get_num_threads()}
     with open(os.path.join(args.out_dir, f"{args.worker}_rank{rank}.json"), "w") as f:
@@ -283,7 +285,8 @@ def run_suite(args, name: str) -> dict:
             ranks = _launch(args, contender, world)
             runs[contender].append(ranks)
             loads.append(os.getloadavg()[0])
-            print(f"[{name}] rep {rep} {contender}: median step {ranks[0]['median_step_s']:.3f} s "
+            print(f"[{name}] rep {rep} {contender}: median step {ranks[0]['median_step_s']:.3f} s, CPU "
+                  f"{ranks[0]['median_cpu_step_s']:.3f} s "
                   f"(steps {[round(s, 3) for s in ranks[0]['steps_s']]}), peak RSS/rank "
                   f"{max(r['peak_rss_mb'] for r in ranks):.0f} MB, load {loads[-1]:.2f}", flush=True)
     summary = {"suite": name, "world": world, "per_rank_batch": args.global_batch // world,
@@ -291,13 +294,20 @@ def run_suite(args, name: str) -> dict:
     for c in contenders:
         medians = [ranks[0]["median_step_s"] for ranks in runs[c]]
         rss = [max(r["peak_rss_mb"] for r in ranks) for ranks in runs[c]]
-        summary["contenders"][c] = {"median_step_s": _spread(medians), "peak_rss_mb_per_rank": _spread(rss),
+        cpu = [ranks[0]["median_cpu_step_s"] for ranks in runs[c]]
+        summary["contenders"][c] = {"median_step_s": _spread(medians), "median_cpu_step_s": _spread(cpu),
+                                    "peak_rss_mb_per_rank": _spread(rss),
                                     "threads_per_rank": runs[c][0][0]["threads"]}
     for num, den in pairs:
         ratios = [a[0]["median_step_s"] / b[0]["median_step_s"] for a, b in zip(runs[num], runs[den])]
         rss = [max(r["peak_rss_mb"] for r in a) / max(r["peak_rss_mb"] for r in b)
                for a, b in zip(runs[num], runs[den])]
-        summary["ratios"][f"{num}/{den}"] = {"step_time": _spread(ratios), "peak_rss": _spread(rss)}
+        # CPU seconds of rank 0's process per step: far less disturbed than wall time by other jobs
+        # on a shared machine (it excludes time spent descheduled), though it also leaves out time
+        # a rank waits, blocked, in a collective.
+        cpu = [a[0]["median_cpu_step_s"] / b[0]["median_cpu_step_s"] for a, b in zip(runs[num], runs[den])]
+        summary["ratios"][f"{num}/{den}"] = {"step_time": _spread(ratios), "cpu_time": _spread(cpu),
+                                             "peak_rss": _spread(rss)}
     return summary
 
 
@@ -387,9 +397,10 @@ def _markdown(summaries: list[dict], args, facts: dict) -> str:
              f"Command: `{measure_command(args)}`. Model {args.arch} (3x3 stem, no max-pool) + head "
              f"512-{HIDDEN}-{FEAT}, global batch {args.global_batch} x 2 views of {args.image_size} px, fp32, SGD; "
              f"{args.warmup} warm-up step(s), then {args.steps} timed steps per run; {args.repeats} rotations.", "",
-             "| ranks | batch/rank | ratio | step-time ratio: median (min-max) | goal | met | "
-             "peak RSS/rank ratio | median step s (ours, other) | load 1-min median (min-max) |",
-             "|---:|---:|---|---|---|---|---|---|---|"]
+             "| ranks | batch/rank | ratio | wall step-time ratio: median (min-max) | CPU-time/step ratio: median "
+             "(min-max) | goal | met (wall) | peak RSS/rank ratio | median wall step s (ours, other) | "
+             "load 1-min median (min-max) |",
+             "|---:|---:|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         for pair, r in s["ratios"].items():
             num, den = pair.split("/")
@@ -398,8 +409,10 @@ def _markdown(summaries: list[dict], args, facts: dict) -> str:
             ours_s = s["contenders"][num]["median_step_s"][0]
             other_s = s["contenders"][den]["median_step_s"][0]
             load = s["load_1min"]
+            cpu = r.get("cpu_time")
+            cpu_text = f"{cpu[0]:.3f} ({cpu[1]:.3f}-{cpu[2]:.3f})" if cpu else "-"
             lines.append(f"| {s['world']} | {s['per_rank_batch']} | {pair} | {med:.3f} ({lo:.3f}-{hi:.3f}) "
-                         f"| {goal_text} | {'yes' if med <= goal else 'no'} | {r['peak_rss'][0]:.2f} "
+                         f"| {cpu_text} | {goal_text} | {'yes' if med <= goal else 'no'} | {r['peak_rss'][0]:.2f} "
                          f"| {ours_s:.2f}, {other_s:.2f} | {load[0]:.2f} ({load[1]:.2f}-{load[2]:.2f}) |")
     lines += ["", "| suite | contender | peak RSS per rank, MB: median (min-max) | threads/rank |", "|---|---|---|---:|"]
     for s in summaries:
