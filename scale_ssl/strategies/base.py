@@ -24,6 +24,9 @@ class Strategy(ABC):
     """One base class, flat subclasses: ``SingleDeviceStrategy``, ``DDPStrategy``, ..."""
 
     name: str = "base"
+    # True where reading a device value on the host in the middle of a step splits the compiled
+    # step program (XLA): the trainer then defers its per-step checks to the log interval.
+    host_reads_split_the_step: bool = False
 
     def __init__(self, accelerator: str = "auto"):
         if accelerator not in ("auto", "cpu", "cuda"):

@@ -58,6 +58,7 @@ class XLAStrategy(Strategy):
     """
 
     name = "xla"
+    host_reads_split_the_step = True
 
     def __init__(self, accelerator: str = "auto", sync_batchnorm: bool = False):
         if accelerator not in ACCELERATORS:

@@ -74,11 +74,15 @@ class Trainer:
         default_root_dir: where checkpoints (``checkpoints/``) and the local MLflow store go.
         seed / deterministic: seeding of python/numpy/torch on every rank; deterministic kernels.
         run_config: the resolved run config, stored in checkpoints and logged to MLflow.
-        on_nonfinite_loss: what a NaN/inf loss on any rank does. The check is one all-reduce of a
+        on_nonfinite_loss: what a NaN/inf loss on any rank does. The check is one all-gather of a
             per-rank flag before backward, so every rank takes the same decision. "stop" (default):
             the step is skipped on all ranks; after ``max_consecutive_nonfinite`` consecutive
             skipped steps the last good state is checkpointed and ``NonFiniteLossError`` names the
             step and ranks. "skip": skip such steps and keep going. "off": no check.
+            On XLA (where a host read mid-step would split the compiled step program) the flag
+            stays on the device and is read at each log interval: "stop" then stops there, naming
+            the steps and ranks, without skipping (the last checkpoint is the last good state);
+            "skip" is refused there.
         max_consecutive_nonfinite: consecutive non-finite steps tolerated under "stop".
 
     Under an elastic restart (torchrun sets ``TORCHELASTIC_RESTART_COUNT > 0``) ``fit`` defaults
@@ -192,6 +196,8 @@ class Trainer:
         self._consecutive_nonfinite = 0
         self._skip_window = False
         self._nonfinite_ranks: list[int] = []
+        self._deferred_nonfinite: torch.Tensor | None = None  # device-side flag count (XLA)
+        self._deferred_since_step = 0
         self._last_saved: tuple[int, int] | None = None
 
         self.global_step = 0
@@ -303,6 +309,7 @@ class Trainer:
             module.train()
             self._call("on_train_start")
             self._fit_loop(module)
+            self._check_deferred_nonfinite()
             self._call("on_train_end")
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -490,6 +497,7 @@ class Trainer:
             stepped = self._train_batch(module, batch, batch_idx, num_batches)
             self._batch_in_epoch = batch_idx + 1
             if stepped and self.global_step % self.log_every_n_steps == 0:
+                self._check_deferred_nonfinite()
                 self._log_step_metrics(module)
             if stepped and self.checkpoint_every_n_steps and self.global_step % self.checkpoint_every_n_steps == 0:
                 self.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
@@ -592,7 +600,10 @@ class Trainer:
                                 "loss (skipping on one rank would leave the others waiting in the gradient all-reduce)"
                             )
                         continue
-                    if optimizer is not None:
+                    if optimizer is not None and self.strategy.host_reads_split_the_step:
+                        self._note_nonfinite_on_device(loss)
+                        self.strategy.backward(self.precision.scale(loss / accumulate))
+                    elif optimizer is not None:
                         if self._loss_is_nonfinite(loss):
                             self._skip_window = True  # no backward on any rank: no rank waits in an all-reduce
                         else:
@@ -611,18 +622,56 @@ class Trainer:
         return stepped
 
     def _loss_is_nonfinite(self, loss: torch.Tensor) -> bool:
-        """All ranks decide together: each sets its own slot of a world-sized flag vector, one
-        all-reduce sums them, so every rank sees the same verdict and which ranks went bad."""
+        """All ranks decide together: one all-gather of every rank's flag, so every rank sees the
+        same verdict and which ranks went bad. The gather (not a rank-indexed write) keeps the
+        step's program identical on every replica, which XLA needs: a ``flags[rank] = ...`` bakes
+        the rank into each replica's graph and their collectives never meet."""
         if self.on_nonfinite_loss == "off":
             return False
-        flags = torch.zeros(self.world_size, device=loss.device)
-        flags[self.global_rank] = (~torch.isfinite(loss.detach())).any().float()
-        if self.world_size > 1:
-            flags = self.strategy.reduce(flags, op="sum")
+        flag = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        flags = self.strategy.collective.all_gather(flag, grad=False) if self.world_size > 1 else flag
         bad = [int(r) for r in flags.nonzero().flatten().tolist()]
         if bad:
             self._nonfinite_ranks = sorted(set(self._nonfinite_ranks) | set(bad))
         return bool(bad)
+
+    def _note_nonfinite_on_device(self, loss: torch.Tensor) -> None:
+        """Deferred check (XLA): count non-finite losses on the device, no host read here."""
+        if self.on_nonfinite_loss == "off":
+            return
+        if self.on_nonfinite_loss == "skip":
+            raise ValueError(
+                f"trainer.on_nonfinite_loss='skip' is not supported with strategy={self.strategy.name}: deciding per "
+                "step needs a host read that splits the compiled step; use 'stop' (checked at each log interval) or 'off'"
+            )
+        flag = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self._deferred_nonfinite is None:
+            self._deferred_since_step = self.global_step
+            self._deferred_nonfinite = flag
+        else:
+            self._deferred_nonfinite = self._deferred_nonfinite + flag
+
+    def _check_deferred_nonfinite(self) -> None:
+        """Read the deferred count (every rank, at the same step: the gather is a collective)."""
+        if self._deferred_nonfinite is None:
+            return
+        counts, self._deferred_nonfinite = self._deferred_nonfinite, None
+        if self.world_size > 1:
+            # This rank's slot of a world-sized vector, the rank entering as device data (one
+            # program for every replica), then the same all-reduce the metrics use.
+            collective = self.strategy.collective
+            ranks = torch.arange(self.world_size, device=counts.device)
+            mine = (ranks == collective.rank_offset(1, device=counts.device)).float()
+            counts = self.strategy.reduce(mine * counts, op="sum")
+        # A host list, then Python: nonzero() has a data-dependent shape that XLA cannot trace.
+        bad = [rank for rank, count in enumerate(counts.cpu().tolist()) if count > 0]
+        if bad:
+            raise NonFiniteLossError(
+                f"loss was NaN/inf on rank(s) {bad} between steps {self._deferred_since_step} and {self.global_step} "
+                f"(strategy={self.strategy.name} checks at each log interval, trainer.log_every_n_steps="
+                f"{self.log_every_n_steps}); the last checkpoint written is the last good state; lower the learning "
+                "rate or check the data"
+            )
 
     def _skip_nonfinite_step(self, optimizer, batch_idx: int) -> None:
         optimizer.zero_grad(set_to_none=True)

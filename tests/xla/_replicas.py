@@ -98,7 +98,29 @@ def scenario_trainer(strategy, data: dict) -> dict:
             "losses": [h["train/loss"] for h in trainer.history if "train/loss" in h]}
 
 
-SCENARIOS = {"nt_xent": scenario_nt_xent, "sinkhorn": scenario_sinkhorn, "trainer": scenario_trainer}
+def scenario_trainer_tiny(strategy, data: dict) -> dict:
+    """The BN-free tiny contrastive module through the whole Trainer on this replica's slices."""
+    import torch_xla.debug.metrics as met
+
+    from scale_ssl.trainer import Trainer
+    from tests.xla.models import TinyContrastiveModule
+
+    rank, world = strategy.global_rank, strategy.world_size
+    model = TinyContrastiveModule()
+    model.load_state_dict(data["state"])
+    b = data["batches"][0][0][0].shape[0] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    batches = [((x1[sl], x2[sl]), y[sl]) for (x1, x2), y in data["batches"]]
+    trainer = Trainer(strategy=strategy, max_steps=len(batches), logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, log_every_n_steps=1, on_nonfinite_loss=data.get("on_nonfinite_loss", "stop"))
+    trainer.fit(model, batches)
+    return {"state": {k: _cpu(v) for k, v in model.state_dict().items()},
+            "losses": [h["train/loss"] for h in trainer.history if "train/loss" in h],
+            "compiles": met.counter_value("UncachedCompile") or 0}
+
+
+SCENARIOS = {"nt_xent": scenario_nt_xent, "sinkhorn": scenario_sinkhorn, "trainer": scenario_trainer,
+             "trainer_tiny": scenario_trainer_tiny}
 
 
 def replica(scenario: str, in_path: str, out_dir: str) -> None:

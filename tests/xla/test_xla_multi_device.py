@@ -10,7 +10,7 @@ import torch
 
 from scale_ssl.collectives import LocalCollective
 from scale_ssl.losses import NTXentLoss
-from tests.xla.models import TinyEncoderHead
+from tests.xla.models import TinyContrastiveModule, TinyEncoderHead
 from tests.xla.replicas import run_replicas
 
 pytestmark = pytest.mark.xla
@@ -109,3 +109,46 @@ def test_trainer_replicas_stay_identical_and_do_not_recompile(devices):
     compiles = first["compiles"]
     assert compiles[1] == compiles[-1], f"recompiled after step 2: uncached compiles after each step {compiles}"
     print(f"\nTrainer on {devices} XLA devices: losses {first['losses']}; uncached compiles after each step {compiles}")
+
+
+def _tiny_trainer_data(global_batch: int = 16, steps: int = 2) -> dict:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for _ in range(steps):
+        x1 = torch.randn(global_batch, 1, 12, 12, generator=g)
+        x2 = x1 + 0.3 * torch.randn(global_batch, 1, 12, 12, generator=g)
+        batches.append(((x1, x2), torch.zeros(global_batch, dtype=torch.long)))
+    return {"state": TinyContrastiveModule().state_dict(), "batches": batches}
+
+
+def _tiny_trainer_reference(data: dict):
+    from scale_ssl.trainer import Trainer
+
+    model = TinyContrastiveModule()
+    model.load_state_dict(data["state"])
+    trainer = Trainer(strategy="single", max_steps=len(data["batches"]), logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, log_every_n_steps=1)
+    trainer.fit(model, data["batches"])
+    return model.state_dict(), [h["train/loss"] for h in trainer.history if "train/loss" in h]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("devices", [1, 2, 4])
+def test_trainer_on_xla_devices_equals_single_on_the_global_batch(devices):
+    """The strategy matrix's xla column: Trainer + strategy=xla on N devices x b, two SGD steps,
+    equals strategy=single on N*b (losses and parameters), on the BN-free tiny network."""
+    data = _tiny_trainer_data()
+    ref_state, ref_losses = _tiny_trainer_reference(data)
+    start = data["state"]
+    scale = max((ref_state[k] - start[k]).abs().max().item() for k in ref_state)
+    replicas = run_replicas("trainer_tiny", devices, data, timeout_s=380)
+    for r in replicas:
+        assert r["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        diff = max((r["state"][k] - ref_state[k]).abs().max().item() for k in ref_state) / scale
+        assert diff < REL_TOL, f"replica {r['rank']} of {devices}: parameters differ by {diff:.2e} (relative to the update)"
+    for r in replicas[1:]:
+        for k in ref_state:
+            assert torch.equal(r["state"][k], replicas[0]["state"][k]), f"replicas 0 and {r['rank']} differ: {k}"
+    print(f"\nTrainer on {devices} XLA devices vs single: losses {replicas[0]['losses']} vs {ref_losses}; "
+          f"max param rel diff {max(max((r['state'][k] - ref_state[k]).abs().max().item() for k in ref_state) for r in replicas) / scale:.2e}")

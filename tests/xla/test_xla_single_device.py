@@ -151,3 +151,31 @@ def test_torchrun_world_with_an_xla_world_of_one_is_an_error(monkeypatch):
 def test_bad_accelerator_is_a_clear_error():
     with pytest.raises(ValueError, match="trainer.accelerator='cuda'.*strategy=xla"):
         XLAStrategy(accelerator="cuda")
+
+
+class _NaNAtStep(Callback):
+    """Poisons the tiny module's weights after step 2, so the loss of step 3 is NaN."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            with torch.no_grad():
+                module.net.head[2].weight.fill_(float("nan"))
+
+
+def test_nonfinite_loss_on_xla_is_caught_at_the_log_interval_without_splitting_the_step():
+    """On XLA the NaN flag stays on the device (no host read mid-step) and is read where metrics
+    are: the run stops there with the steps named; 'skip' is refused."""
+    from scale_ssl.trainer.trainer import NonFiniteLossError
+    from tests.xla.models import TinyContrastiveModule
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 12, 12, generator=g)
+    batches = [((x, x + 0.1), torch.zeros(8, dtype=torch.long))] * 6
+    trainer = Trainer(strategy=XLAStrategy(), max_steps=6, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, log_every_n_steps=2, callbacks=[_NaNAtStep()])
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf on rank\(s\) \[0\] between steps 2 and 4"):
+        trainer.fit(TinyContrastiveModule(), batches)
+    skip = Trainer(strategy=XLAStrategy(), max_steps=2, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, on_nonfinite_loss="skip")
+    with pytest.raises(ValueError, match="'skip' is not supported with strategy=xla"):
+        skip.fit(TinyContrastiveModule(), batches)
