@@ -60,8 +60,8 @@ def test_every_listed_optimizer_builds_from_yaml_and_steps(name):
 
 SCHEDULERS = {
     "warmup_cosine": "{name: warmup_cosine, warmup: {steps: 2}, final_lr: 0.001}",
-    "LambdaLR": "{name: LambdaLR, rule: constant}",
-    "MultiplicativeLR": None,  # needs a callable: not reachable from YAML, see the error test
+    "LambdaLR": "{name: LambdaLR, rule: {name: linear_warmup, warmup: {steps: 3}}}",
+    "MultiplicativeLR": "{name: MultiplicativeLR, rule: {name: constant_factor, factor: 0.9}}",
     "StepLR": "{name: StepLR, step_size: {steps: 2}, gamma: 0.5}",
     "MultiStepLR": "{name: MultiStepLR, milestones: [1, 3]}",
     "ExponentialLR": "{name: ExponentialLR, gamma: 0.9}",
@@ -193,3 +193,118 @@ def test_all_torch_optimizers_are_reachable_by_name():
     names = set(optimizer_classes())
     assert {"SGD", "Adam", "AdamW", "Adadelta", "Adagrad", "Adamax", "ASGD", "RMSprop", "Rprop", "LBFGS", "NAdam",
             "RAdam", "SparseAdam", "LARS"} <= names
+
+
+class RecordLr(__import__("scale_ssl").Callback):
+    """The lr each optimizer step trains with (read before the step)."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def fit_recording(recipe_yaml: str, epochs: int, n_batches: int = 4):
+    recipe = OptimRecipe(OmegaConf.to_container(OmegaConf.create(recipe_yaml)), 8)
+    record = RecordLr()
+    trainer = Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, optim_recipe=recipe, callbacks=[record])
+    trainer.fit(Net(), batches(n_batches))
+    return record.lrs, trainer
+
+
+def test_warmup_cosine_in_epochs_follows_the_closed_form_at_every_step():
+    """warmup 1 epoch of a 4-batch stream = 4 steps, total auto = 3 epochs = 12 steps."""
+    import math
+
+    lrs, trainer = fit_recording("{optimizer: {name: SGD}, lr: 0.08, lr_scheduler: {name: warmup_cosine, "
+                                 "warmup: {epochs: 1}, start_lr: 0.0, final_lr: 0.001}}", epochs=3)
+    warmup, total, peak, start, final = 4, 12, 0.08, 0.0, 0.001
+
+    def closed_form(t):
+        if t < warmup:
+            return start + (peak - start) * t / warmup
+        return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+    assert lrs == pytest.approx([closed_form(t) for t in range(12)], abs=1e-12)
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.08) and lrs[8] == pytest.approx((0.08 + 0.001) / 2)
+
+
+@pytest.mark.parametrize(
+    "scheduler, expected",
+    [
+        ("{name: LambdaLR, rule: {name: linear_warmup, warmup: {steps: 4}}}",
+         lambda t: 0.05 * min(1.0, (t + 1) / 4)),
+        ("{name: LambdaLR, rule: {name: inverse_sqrt, warmup: {epochs: 1}}}",  # 1 epoch = 4 steps
+         lambda t: 0.05 * min((t + 1) / 4, (4 / (t + 1)) ** 0.5)),
+        ("{name: LambdaLR, rule: {name: polynomial, total: auto, power: 2}}",  # auto = 8 steps
+         lambda t: 0.05 * (1 - t / 8) ** 2),
+        ("{name: MultiplicativeLR, rule: {name: constant_factor, factor: 0.9}}",
+         lambda t: 0.05 * 0.9 ** t),
+    ],
+)
+def test_named_rules_make_lambda_and_multiplicative_lr_reachable_from_yaml(scheduler, expected):
+    lrs, trainer = fit_recording(f"{{optimizer: {{name: SGD}}, lr: 0.05, lr_scheduler: {scheduler}}}", epochs=2)
+    assert type(trainer.lr_scheduler_configs[0].scheduler).__name__ in ("LambdaLR", "MultiplicativeLR")
+    assert lrs == pytest.approx([expected(t) for t in range(8)], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "scheduler, message",
+    [
+        ({"name": "LambdaLR", "rule": "cosine_restart"}, "rule='cosine_restart' is not a LambdaLR rule"),
+        ({"name": "LambdaLR", "rule": {"name": "linear_warmup"}}, "rule 'linear_warmup' needs ['warmup']"),
+        ({"name": "LambdaLR", "rule": {"name": "polynomial", "total": 9, "pwr": 2}}, "has no argument(s) ['pwr']"),
+        ({"name": "MultiplicativeLR"}, "MultiplicativeLR needs a named rule"),
+        ({"name": "MultiplicativeLR", "rule": "linear_warmup"}, "is not a MultiplicativeLR rule"),
+    ],
+)
+def test_bad_named_rules_are_one_clear_error(scheduler, message):
+    with pytest.raises(RecipeError) as err:
+        OptimRecipe({"optimizer": {"name": "SGD"}, "lr_scheduler": scheduler}, 8)
+    assert message in str(err.value) and "optim.lr_scheduler" in str(err.value)
+
+
+def test_a_named_rule_resumes_from_the_checkpoint(tmp_path):
+    """The rule's arguments travel in the scheduler state: the resumed lrs equal the straight run's."""
+    yaml = "{optimizer: {name: SGD}, lr: 0.05, lr_scheduler: {name: LambdaLR, rule: {name: polynomial, total: auto}}}"
+    recipe = OptimRecipe(OmegaConf.to_container(OmegaConf.create(yaml)), 8)
+
+    class Stop(__import__("scale_ssl").Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step >= 3
+
+    def run(root, ckpt=None, stop=False):
+        record = RecordLr()
+        t = Trainer(max_epochs=2, logger=False, enable_progress_bar=False, default_root_dir=str(root), optim_recipe=recipe,
+                    callbacks=[record, *([Stop()] if stop else [])])
+        t.fit(Net(), batches(), ckpt_path=ckpt)
+        return record.lrs
+
+    straight = run(tmp_path / "a")
+    first = run(tmp_path / "b", stop=True)
+    resumed = run(tmp_path / "b", ckpt="last")
+    assert first + resumed == pytest.approx(straight, rel=1e-12) and len(straight) == 8
+
+
+class SparseNet(SSLModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(10, 4, sparse=True)
+
+    def training_step(self, batch, batch_idx):
+        return self.embedding(batch[0]).pow(2).mean()
+
+
+def test_sparse_adam_from_yaml_trains_sparse_embeddings():
+    recipe = OptimRecipe({"optimizer": {"name": "SparseAdam", "betas": [0.9, 0.99]}, "lr": 0.1}, 8)
+    module = SparseNet()
+    start = module.embedding.weight.detach().clone()
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, optim_recipe=recipe)
+    trainer.fit(module, [(torch.tensor([1, 2, 3]),), (torch.tensor([3, 4]),)])
+    assert type(trainer.optimizers[0]).__name__ == "SparseAdam"
+    changed = (module.embedding.weight != start).any(1)
+    assert changed.tolist() == [False, True, True, True, True, False, False, False, False, False]  # only rows seen

@@ -240,6 +240,14 @@ def _learning_rate(config: DictConfig, model: dict) -> float | None:
 
 def _check_lr_rule(config: DictConfig, lr: float | None) -> str:
     p = config.plan
+    optim = config.get("optim") if "optim" in config else None
+    optim_lr = None if optim is None else OmegaConf.to_container(optim, resolve=True).get("lr")
+    if isinstance(optim_lr, dict):
+        # The recipe scales its own lr from the global batch: that rule is the one the run follows.
+        scale, reference = optim_lr.get("scale", "linear"), optim_lr.get("reference_batch", 256)
+        return (f"optim.lr: {optim_lr['base']:g} x {scale}({config.trainer.global_batch_size} / {reference}) = {lr:.6g}, "
+                "from the global batch")
+    lr_key = "optim.lr" if optim_lr is not None else "model.learning_rate"
     rule = p.lr_rule or "none"
     if rule not in LR_RULES:
         raise ConfigError(f"plan.lr_rule={p.lr_rule!r} is not known; use one of {LR_RULES} (or null)")
@@ -253,7 +261,7 @@ def _check_lr_rule(config: DictConfig, lr: float | None) -> str:
             f"({config.trainer.global_batch_size} / {p.base_batch_size}) = {expected:.6g}")
     if lr is None or not math.isclose(lr, expected, rel_tol=LR_RELATIVE_TOLERANCE):
         raise ConfigError(
-            f"model.learning_rate={lr} does not follow plan.lr_rule ({text}) at trainer.global_batch_size="
-            f"{config.trainer.global_batch_size}; set model.learning_rate={expected:.6g} or fix the rule"
+            f"{lr_key}={lr} does not follow plan.lr_rule ({text}) at trainer.global_batch_size="
+            f"{config.trainer.global_batch_size}; set {lr_key}={expected:.6g} or fix the rule"
         )
     return text

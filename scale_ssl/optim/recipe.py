@@ -23,7 +23,8 @@ SSL papers differ mostly in their recipe, so a run can switch it from YAML witho
 * ``lr_scheduler.name`` is ``warmup_cosine``, ``constant``, or any ``torch.optim.lr_scheduler``
   class (``SequentialLR``/``ChainedScheduler`` take ``schedulers: [...]``). A length written as
   ``{epochs: n}`` or ``{steps: n}`` is converted into the scheduler's ``interval`` unit with the
-  stream's real steps per epoch; ``total_steps: auto`` means the whole fit.
+  stream's real steps per epoch; ``total_steps: auto`` means the whole fit. ``LambdaLR`` and
+  ``MultiplicativeLR`` take a named ``rule`` instead of a callable (``named_rules.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from scale_ssl.optim.lars import LARS
+from scale_ssl.optim.named_rules import LENGTH_ARGUMENTS, RULES_BY_SCHEDULER, RuleError, build_rule, split_rule
 from scale_ssl.optim.warmup_cosine import WarmupCosineSchedule
 
 LR_SCALES = ("linear", "sqrt", "none")
@@ -241,9 +243,13 @@ class OptimRecipe:
                 spec["milestones"] = [per_unit(m, "milestones") for m in spec.get("milestones", [])]
                 return cls(optimizer, children, **spec)
             return cls(children, optimizer=optimizer)
-        if name == "LambdaLR":
-            rule = spec.pop("rule", "constant")
-            spec["lr_lambda"] = _NAMED_LAMBDAS[rule]
+        if name in RULES_BY_SCHEDULER:
+            rule, args = split_rule(name, spec.pop("rule", "constant" if name == "LambdaLR" else None))
+            args = {k: per_unit(v, f"rule.{k}") if k in LENGTH_ARGUMENTS else v for k, v in args.items()}
+            try:
+                spec["lr_lambda"] = build_rule(name, rule, args)
+            except RuleError as err:
+                raise RecipeError(f"{where}: {err}") from None
         converted = {k: per_unit(v, k) for k, v in spec.items()}
         return cls(optimizer, **converted)
 
@@ -266,13 +272,6 @@ class OptimRecipe:
         return convert
 
 
-def _constant(step: int) -> float:
-    return 1.0
-
-
-_NAMED_LAMBDAS = {"constant": _constant}
-
-
 def _check_scheduler_spec(spec: dict, where: str) -> None:
     name = spec.get("name")
     if name is None:
@@ -290,10 +289,14 @@ def _check_scheduler_spec(spec: dict, where: str) -> None:
     if name not in classes:
         raise RecipeError(f"{where}.name={name!r} is not a scheduler; use warmup_cosine, constant or one of {', '.join(sorted(classes))}")
     args = {k: v for k, v in spec.items() if k != "name"}
-    if name == "LambdaLR":
-        rule = args.pop("rule", "constant")
-        if rule not in _NAMED_LAMBDAS:
-            raise RecipeError(f"{where}.rule={rule!r}; named LambdaLR rules: {sorted(_NAMED_LAMBDAS)}")
+    if name in RULES_BY_SCHEDULER:
+        if name == "MultiplicativeLR" and "rule" not in args:
+            raise RecipeError(f"{where}: MultiplicativeLR needs a named rule, e.g. rule: {{name: constant_factor, factor: 0.95}}")
+        try:
+            split_rule(name, args.pop("rule", "constant"))
+        except RuleError as err:
+            raise RecipeError(f"{where}: {err}") from None
+        check_kwargs(where, classes[name], args)
         return
     if name in ("SequentialLR", "ChainedScheduler"):
         children = args.pop("schedulers", None)
