@@ -138,6 +138,17 @@ def test_swa_from_the_recipe():
     assert any(type(cb).__name__ == "StochasticWeightAveraging" for cb in trainer.callbacks)
     swa = [cb for cb in trainer.callbacks if type(cb).__name__ == "StochasticWeightAveraging"][0]
     assert int(swa.averaged.n_averaged) == 2
+    for name, p in swa.averaged.module.named_parameters():  # the module ends with the averaged weights
+        assert torch.equal(p, dict(module.named_parameters())[name]), name
+    # ... and BatchNorm statistics recomputed for them over the training stream (swa_utils.update_bn)
+    from torch.optim.swa_utils import update_bn
+
+    reference = Net()
+    reference.load_state_dict(module.state_dict())
+    update_bn((x for x, _ in batches()), reference)
+    bn = module.backbone[1]
+    assert torch.allclose(bn.running_mean, reference.backbone[1].running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, reference.backbone[1].running_var, atol=1e-6)
 
 
 def test_resume_restores_the_scheduler_position(tmp_path):
