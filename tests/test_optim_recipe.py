@@ -43,8 +43,9 @@ def batches(n=4):
 def fit(recipe_yaml: str, global_batch=8, epochs=1, **trainer_kwargs):
     recipe = OptimRecipe(OmegaConf.to_container(OmegaConf.create(recipe_yaml)), global_batch)
     module = Net()
-    trainer = Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      num_sanity_val_steps=0, optim_recipe=recipe, **trainer_kwargs)
+    trainer_kwargs = {"enable_progress_bar": False, **trainer_kwargs}
+    trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                      optim_recipe=recipe, **trainer_kwargs)
     trainer.fit(module, batches())
     return module, trainer
 
@@ -319,3 +320,22 @@ def test_sparse_adam_from_yaml_trains_sparse_embeddings():
     assert type(trainer.optimizers[0]).__name__ == "SparseAdam"
     changed = (module.embedding.weight != start).any(1)
     assert changed.tolist() == [False, True, True, True, True, False, False, False, False, False]  # only rows seen
+
+
+def test_the_banner_shows_each_group_with_its_lr_at_start_warmup_and_end(capsys):
+    _, trainer = fit("{optimizer: {name: SGD, weight_decay: 0.01}, lr: 0.4, exclude_bn_bias: true, lr_scheduler: "
+                     "{name: warmup_cosine, warmup: {steps: 2}, final_lr: 0.004}}", enable_progress_bar=True)
+    out = capsys.readouterr().out
+    assert "optimization recipe: SGD, effective lr 0.4 (from the global batch), schedule WarmupCosineSchedule" in out
+    default, norm = [line for line in out.splitlines() if line.strip().startswith("group ")]
+    # Net: Linear(4,8) + Linear(8,2) + Linear(2,3, no bias) weights = 32 + 16 + 6; biases + BN = 8 + 2 + 8 + 8
+    assert "group default" in default and " 54 params" in default and "wd 0.01" in default
+    assert "group bias_and_norm" in norm and " 26 params" in norm and "wd 0" in norm
+    assert "lr 0 @0 -> 0.4 @2 -> 0.004 @4" in default
+
+
+def test_the_banner_runs_any_scheduler_to_its_last_step(capsys):
+    fit("{optimizer: {name: SGD}, lr: 0.4, lr_scheduler: {name: StepLR, step_size: {steps: 1}, gamma: 0.5}}",
+        enable_progress_bar=True)
+    out = capsys.readouterr().out
+    assert "lr 0.4 @0 -> 0.05 @3 (last)" in out  # 4 steps: 0.4, 0.2, 0.1, 0.05

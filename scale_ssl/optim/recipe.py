@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from scale_ssl.optim.warmup_cosine import WarmupCosineSchedule
 LR_SCALES = ("linear", "sqrt", "none")
 _RECIPE_KEYS = {"optimizer", "lr", "exclude_bn_bias", "param_groups", "lr_scheduler", "swa"}
 _GROUP_KEYS_OURS = {"pattern", "lr_scale", "freeze_epochs"}
+_MAX_SIMULATED_STEPS = 5_000_000  # the banner's end-of-run lr: beyond this, only step 0 is shown
 
 
 class RecipeError(ValueError):
@@ -107,6 +109,8 @@ class BuiltRecipe:
     effective_lr: float
     frozen: list[tuple[list[torch.nn.Parameter], int]] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)  # name, size, lr, weight_decay per group
+    final_lrs: list[float] | None = None  # each group's lr at the last step, for the banner
+    final_at: int | None = None
 
 
 class OptimRecipe:
@@ -167,10 +171,31 @@ class OptimRecipe:
             if lambdas is not None and warmup is not None and total is not None:
                 at = [base * lambdas[i](step) for step in (0, warmup, total)]
                 lrs = f"lr {at[0]:.4g} @0 -> {at[1]:.4g} @{warmup} -> {at[2]:.4g} @{total}"
+            elif built.final_lrs is not None:
+                unit = "" if (built.scheduler_config or {}).get("interval", "step") == "step" else " epochs"
+                lrs = f"lr {group['lr']:.4g} @0 -> {built.final_lrs[i]:.4g} @{built.final_at}{unit} (last)"
             else:
-                lrs = f"lr {group['lr']:.4g} @0"
+                lrs = f"lr {group['lr']:.4g} @0" + (" (then follows its monitor)" if scheduler is not None else "")
             lines.append(f"  group {info['name']:<16} {info['size']:>10,} params  wd {info['weight_decay']:g}  {lrs}")
         return "\n".join(lines)
+
+    def _final_lrs(self, optimizer, steps_per_epoch, total_steps) -> tuple[list[float] | None, int | None]:
+        """Each group's lr at the fit's last step (or epoch), by running the same schedule on a
+        throwaway optimizer: any torch scheduler, without a closed form per class."""
+        name = self.scheduler_spec["name"]
+        if name in ("constant", "ReduceLROnPlateau"):
+            return None, None  # constant: nothing to show; plateau: follows a metric
+        units = total_steps if self.interval == "step" else total_steps // max(steps_per_epoch or 1, 1)
+        if not 1 <= units <= _MAX_SIMULATED_STEPS:
+            return None, None
+        dummy = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": g["lr"], "momentum": 0.9}
+                                 for g in optimizer.param_groups], lr=self.lr)
+        scheduler = self._scheduler(self.scheduler_spec, dummy, steps_per_epoch, total_steps, "optim.lr_scheduler")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            for _ in range(units - 1):
+                scheduler.step()
+        return [g["lr"] for g in dummy.param_groups], units - 1
 
     # -- building ------------------------------------------------------------------------------
     def build(self, module: torch.nn.Module, steps_per_epoch: int | None, total_steps: int) -> BuiltRecipe:
@@ -182,7 +207,8 @@ class OptimRecipe:
             config = {"scheduler": scheduler, "interval": self.interval, "frequency": self.frequency, "name": "lr"}
             if self.monitor is not None:
                 config["monitor"] = self.monitor
-        return BuiltRecipe(optimizer, config, self.lr, frozen, described)
+        final_lrs, final_at = self._final_lrs(optimizer, steps_per_epoch, total_steps)
+        return BuiltRecipe(optimizer, config, self.lr, frozen, described, final_lrs, final_at)
 
     def _param_groups(self, module):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
