@@ -25,6 +25,9 @@ def build_strategy_from_config(config: DictConfig):
         options["sync_batchnorm"] = t.sync_batchnorm
     if t.strategy == "ddp":
         options["timeout_s"] = t.collective_timeout_s
+        options["static_graph"] = t.static_graph
+    elif t.static_graph:
+        raise ConfigError(f"trainer.static_graph=true is a DDP option and needs trainer.strategy=ddp (got {t.strategy!r})")
     elif t.strategy == "dp":
         if t.devices is None:
             raise ConfigError("trainer.strategy=dp needs trainer.devices (the number of parts per batch), e.g. trainer.devices=2")
@@ -125,6 +128,7 @@ def run_fit(config: DictConfig):
         optim_recipe=OptimRecipe(resolved["optim"], t.global_batch_size) if resolved.get("optim") else None,
         on_nonfinite_loss=t.on_nonfinite_loss,
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
+        compile_model=t.compile,
     )
     if strategy.is_global_zero:
         d = resolved["derived"]

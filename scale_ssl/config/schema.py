@@ -47,6 +47,13 @@ class TrainerConfig:
     # in a row, checkpoint the last good state and stop), "skip" (skip and continue), "off".
     on_nonfinite_loss: str = "stop"
     max_consecutive_nonfinite: int = 3
+    # torch.compile the method's encoder (single and ddp only). Off: compiling costs tens of
+    # seconds at start, which short runs do not earn back (docs/BENCHMARKS.md "torch.compile").
+    compile: bool = False
+    # strategy=ddp: DistributedDataParallel(static_graph=True), valid when every step uses the
+    # same parameters in the same order (no unused or conditionally used parameters, no frozen
+    # schedule that changes mid-run); lets DDP skip per-step graph bookkeeping. Off by default.
+    static_graph: bool = False
 
 
 @dataclass

@@ -50,6 +50,23 @@ class _StepAdapter(nn.Module):
         return self.module.training_step(*args)
 
 
+# Strategies under which trainer.compile is supported (see Trainer's ``compile_model``).
+COMPILE_STRATEGIES = ("single", "ddp")
+
+
+def _compile_encoder(module: SSLModule) -> None:
+    """Compile ``module.encoder`` in place (``nn.Module.compile``: the module object, its
+    parameters and state-dict keys stay, only its call goes through ``torch.compile``), once."""
+    encoder = getattr(module, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ValueError(
+            f"trainer.compile=true compiles the method's `encoder` module, and {type(module).__name__} has none; "
+            "set trainer.compile=false"
+        )
+    if getattr(encoder, "_compiled_call_impl", None) is None:
+        encoder.compile()
+
+
 class Trainer:
     """Fit, validate, test and predict with an ``SSLModule`` on a strategy backend.
 
@@ -84,6 +101,13 @@ class Trainer:
             the steps and ranks, without skipping (the last checkpoint is the last good state);
             "skip" is refused there.
         max_consecutive_nonfinite: consecutive non-finite steps tolerated under "stop".
+        compile_model: ``torch.compile`` the method's ``encoder`` (the backbone every method has,
+            nearly all of a step's compute) in place with ``nn.Module.compile``, so parameter
+            names, checkpoints and DDP's wrapper are unchanged. Off by default: the first steps pay
+            the compilation (tens of seconds for a ResNet on CPU; docs/BENCHMARKS.md
+            "torch.compile"), which short runs do not earn back. Supported under "single" and
+            "ddp"; refused under dp (threads replicate the module), deepspeed and xla (their own
+            engines trace the model).
 
     Under an elastic restart (torchrun sets ``TORCHELASTIC_RESTART_COUNT > 0``) ``fit`` defaults
     to ``ckpt_path="last"``: the newest checkpoint that passes its checksum (``last.ckpt``, else the
@@ -123,8 +147,11 @@ class Trainer:
         strategy_options: dict | None = None,
         on_nonfinite_loss: str = "stop",
         max_consecutive_nonfinite: int = 3,
+        compile_model: bool = False,
     ):
         _check_int("trainer.max_steps", max_steps, minimum=-1)
+        if not isinstance(compile_model, bool):
+            raise TypeError(f"trainer.compile must be true or false, got {compile_model!r}")
         if on_nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"trainer.on_nonfinite_loss={on_nonfinite_loss!r}; use one of {NONFINITE_POLICIES}")
         _check_int("trainer.max_consecutive_nonfinite", max_consecutive_nonfinite, minimum=1)
@@ -155,6 +182,12 @@ class Trainer:
             fast_dev_batches = fast_dev_run
 
         self.strategy = build_strategy(strategy, **(strategy_options or {}))
+        if compile_model and self.strategy.name not in COMPILE_STRATEGIES:
+            raise ValueError(
+                f"trainer.compile=true is supported with trainer.strategy in {COMPILE_STRATEGIES}, not "
+                f"{self.strategy.name!r} (its engine replicates or traces the model itself); set trainer.compile=false"
+            )
+        self.compile_model = compile_model
         self.fast_dev_run = fast_dev_batches
         if fast_dev_batches:
             # As in Lightning: n batches of each stage, one epoch, nothing written.
@@ -275,6 +308,8 @@ class Trainer:
         self._datamodule = datamodule
         self.train_dataloader = None
         self.strategy.trainer = self  # engines configured from the trainer's settings (DeepSpeed)
+        if self.compile_model:
+            _compile_encoder(module)
         self.wrapped = self.strategy.setup_module(_StepAdapter(module))
         returned = self._recipe_optimizers(module) if self.optim_recipe is not None else module.configure_optimizers()
         self.optimizers, self.lr_scheduler_configs, self.optimizer_frequencies = parse_optimizer_config(returned)
