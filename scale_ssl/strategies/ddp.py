@@ -120,6 +120,10 @@ class DDPStrategy(Strategy):
         timeout_s: collective timeout; a rank that died leaves the others failing after this long
             instead of hanging forever.
         find_unused_parameters, static_graph, gradient_as_bucket_view: passed to DDP.
+            ``static_graph=True`` (config ``trainer.static_graph``, off by default) is valid when
+            every step uses the same parameters in the same order: no unused or conditionally
+            used parameters, no parameters frozen or unfrozen mid-run. DDP then records the
+            graph in the first step and skips the per-step search for ready/unused gradients.
     """
 
     name = "ddp"
