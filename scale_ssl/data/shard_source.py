@@ -51,6 +51,7 @@ from pathlib import Path
 from webdataset.tariterators import base_plus_ext
 
 from scale_ssl.data.shard_index import INDEX_FILENAME, ShardIndex
+from scale_ssl.data.tar_members import iter_tar_members
 
 # HTTP client errors that will not go away by asking again (408 timeout and 429 throttling will).
 _RETRYABLE_CLIENT_ERRORS = {408, 429}
@@ -334,20 +335,15 @@ def iter_shard_samples(
 
 def _tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
     key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            member_key, extension = base_plus_ext(info.name)
-            if member_key is None or os.path.basename(member_key).startswith("__"):
-                continue  # not a sample member, or webdataset metadata
-            if member_key != key:
-                # The previous sample is complete as soon as another one starts, before this
-                # member's data is read (which is where a truncated tar usually breaks).
-                if members:
-                    yield key, members
-                key, members = member_key, {}
-            members[extension.lower()] = tar.extractfile(info).read()
-            tar.members = []  # a streamed tar would otherwise keep every header it has seen
+    for name, data in iter_tar_members(fileobj):
+        member_key, extension = base_plus_ext(name)
+        if member_key is None or os.path.basename(member_key).startswith("__"):
+            continue  # not a sample member, or webdataset metadata
+        if member_key != key:
+            # The previous sample is complete as soon as a member of the next one has been read.
+            if members:
+                yield key, members
+            key, members = member_key, {}
+        members[extension.lower()] = data
     if members:
         yield key, members
