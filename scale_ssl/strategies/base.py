@@ -112,6 +112,12 @@ class Strategy(ABC):
         """Run ``validation_step``/``test_step`` (dp splits the batch over its devices)."""
         return getattr(module, step_name)(*args)
 
+    def device_batches(self, loader: Any) -> Any:
+        """The training batches of ``loader`` in the form the step receives them (each then goes
+        through ``batch_to_device``). A strategy whose runtime has its own input pipeline (XLA's
+        ``MpDeviceLoader``) wraps the loader here."""
+        return loader
+
     def batch_to_device(self, batch: Any) -> Any:
         device = self.root_device
         if device.type == "cpu":

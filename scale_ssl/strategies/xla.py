@@ -4,7 +4,8 @@ How a step runs on XLA. Every tensor operation is traced lazily into a graph; no
 until ``torch_xla.sync()``, which compiles the graph (once per distinct graph, then cached) and
 dispatches it to the device. This strategy syncs **once per optimizer step**, after
 ``optimizer.step()``, so a step (forward, backward, gradient all-reduce, update) is one compiled
-program. Nothing in the step reads a value back to the host: the trainer fetches metrics only at
+program. Training batches arrive through ``MpDeviceLoader`` (``device_batches``), already on the
+device. Nothing in the step reads a value back to the host: the trainer fetches metrics only at
 ``log_every_n_steps``, after the step's sync, when they already live on the device as data.
 
 Replicas. ``torch_xla.launch`` (see ``launch_xla``) starts one process per TPU chip -- or one thread
@@ -126,6 +127,30 @@ class XLAStrategy(Strategy):
     @property
     def root_device(self) -> torch.device:
         return self.collective.device
+
+    # -- input -----------------------------------------------------------------------------
+    def device_batches(self, loader: Any) -> Any:
+        """Training batches through torch_xla's ``MpDeviceLoader``: a background thread draws the
+        next batches from ``loader`` and copies them to this replica's device while the device
+        runs the current step, so host-to-device transfers overlap compute (on a TPU host the
+        difference between feeding the chips and waiting on them).
+
+        Not in the one-process emulation of several XLA:CPU devices (``PJRT_DEVICE=CPU`` with
+        device threads, used only by tests): there a transfer thread that waits on a device busy
+        in a collective holds the GIL the other device threads need to join that collective (see
+        ``../shared/XLA.md``), so batches are moved in the step instead, as by every strategy.
+        """
+        if not self.device_loader_enabled:
+            return loader
+        import torch_xla.distributed.parallel_loader as pl
+
+        return pl.MpDeviceLoader(loader, self.root_device)
+
+    @property
+    def device_loader_enabled(self) -> bool:
+        import torch_xla.runtime as xr
+
+        return not (xr.device_type() == "CPU" and xr.addressable_device_count() > 1)
 
     # -- model -----------------------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:

@@ -523,7 +523,7 @@ class Trainer:
             loader.skip_batches(skip)
             start, skip = skip, 0
         exhausted, batch_idx = True, -1
-        for batch_idx, batch in enumerate(loader, start=start):
+        for batch_idx, batch in enumerate(self.strategy.device_batches(loader), start=start):
             if num_batches is not None and batch_idx >= num_batches:
                 break
             if batch_idx < skip:
