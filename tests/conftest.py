@@ -26,3 +26,15 @@ def fmnist_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("fmnist") / "shards"
     make_fashion_mnist_shards(out, shard_size=130, limit=600)
     return out
+
+
+@pytest.fixture(scope="session")
+def deepspeed_engines(tmp_path_factory):
+    """(per-rank results, root) of tests/_deepspeed_engines.all_engines on 2 real gloo ranks;
+    computed once and shared by the strategy matrix and tests/test_deepspeed.py."""
+    pytest.importorskip("deepspeed")
+    from tests._deepspeed_engines import all_engines
+    from tests.distributed import run_on_ranks
+
+    root = tmp_path_factory.mktemp("deepspeed")
+    return run_on_ranks(all_engines, 2, str(root)), root
