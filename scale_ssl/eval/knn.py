@@ -53,17 +53,23 @@ def knn_predict(
     for start in range(0, test.shape[0], chunk_size):
         similarity = test[start : start + chunk_size] @ bank.T  # (chunk, M)
         top_similarity, top_index = similarity.topk(k, dim=1)  # sorted, largest first
-        # exp((s - s_max) / T) is exp(s / T) times a per-row constant: same argmax, but it cannot
-        # overflow however small the temperature is.
-        weights = ((top_similarity - top_similarity[:, :1]) / temperature).exp()
-        votes = torch.zeros(
-            weights.shape[0], num_classes, device=weights.device, dtype=weights.dtype
-        )
-        votes.scatter_add_(1, bank_labels[top_index], weights)
-        predictions.append(votes.argmax(dim=1))
+        predictions.append(weighted_vote(top_similarity, bank_labels[top_index], num_classes, temperature))
     if not predictions:
         return torch.empty(0, dtype=torch.long, device=test.device)
     return torch.cat(predictions)
+
+
+def weighted_vote(
+    similarity: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float
+) -> torch.Tensor:
+    """argmax_c sum_{i: y_i = c} exp(s_i / T) over each row's candidates, sorted largest first:
+    ``similarity`` (N, k) and their ``labels`` (N, k). Computed as exp((s_i - s_max) / T), which is
+    exp(s_i / T) times a per-row constant (same argmax) and cannot overflow however small T is;
+    candidates with similarity -inf (padding) weigh 0."""
+    weights = ((similarity - similarity[:, :1]) / temperature).exp()
+    votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device, dtype=weights.dtype)
+    votes.scatter_add_(1, labels, weights)
+    return votes.argmax(dim=1)
 
 
 def knn_accuracy(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scale_ssl.eval.knn import _as_float, knn_predict
+from scale_ssl.eval.knn import _as_float, knn_predict, weighted_vote
 
 
 def gather_rank_rows(
@@ -73,15 +73,6 @@ def merge_topk_candidates(
     label = torch.cat(labels, dim=1)
     top_similarity, position = similarity.topk(min(k, similarity.shape[1]), dim=1)
     return top_similarity, label.gather(1, position)
-
-
-def weighted_vote(similarity: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
-    """argmax_c sum_{i: y_i = c} exp(s_i / T) over the candidates of each row (see ``knn``), computed
-    as exp((s_i - s_max) / T) so a tiny temperature cannot overflow; -inf candidates weigh 0."""
-    weights = ((similarity - similarity[:, :1]) / temperature).exp()
-    votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device, dtype=weights.dtype)
-    votes.scatter_add_(1, labels, weights)
-    return votes.argmax(dim=1)
 
 
 def sharded_knn_predict(
