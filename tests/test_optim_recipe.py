@@ -339,3 +339,21 @@ def test_the_banner_runs_any_scheduler_to_its_last_step(capsys):
         enable_progress_bar=True)
     out = capsys.readouterr().out
     assert "lr 0.4 @0 -> 0.05 @3 (last)" in out  # 4 steps: 0.4, 0.2, 0.1, 0.05
+
+
+def test_freeze_epochs_freezes_the_group_only_for_those_epochs():
+    class Snapshot(__import__("scale_ssl").Callback):
+        def __init__(self):
+            self.prototypes = []
+
+        def on_train_epoch_end(self, trainer, module):
+            self.prototypes.append(module.prototypes.weight.detach().clone())
+
+    recipe = OptimRecipe(OmegaConf.to_container(OmegaConf.create(
+        "{optimizer: {name: SGD}, lr: 0.1, param_groups: [{pattern: 'prototypes*', freeze_epochs: 1}]}")), 8)
+    snapshot = Snapshot()
+    start = Net().prototypes.weight.detach().clone()
+    Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0,
+            optim_recipe=recipe, callbacks=[snapshot]).fit(Net(), batches())
+    assert torch.equal(snapshot.prototypes[0], start)  # epoch 0: frozen
+    assert not torch.equal(snapshot.prototypes[1], start)  # epoch 1: trained
