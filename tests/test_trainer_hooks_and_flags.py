@@ -16,7 +16,7 @@ from scale_ssl.strategies import DDPStrategy
 from scale_ssl.trainer import Callback, Trainer
 from tests.distributed import run_on_ranks
 from tests.test_trainer_api import Regressor, quiet, regression_batches
-from tests.test_trainer_callbacks import MetricsSink
+from tests.test_trainer_callbacks import Interrupt, MetricsSink
 
 # -- test stage: test_step -> test_step_end -> test_epoch_end(outputs) -> on_test_epoch_end --------
 
@@ -82,18 +82,9 @@ class CountsSeenSamples(Regressor):
         self.loaded_from = {"global_step": checkpoint["global_step"]}
 
 
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 def test_on_save_and_on_load_checkpoint_carry_the_modules_own_state(tmp_path):
     first = CountsSeenSamples()
-    quiet(max_epochs=1, callbacks=[StopAt(3)], enable_checkpointing=True, default_root_dir=str(tmp_path)).fit(
+    quiet(max_epochs=1, callbacks=[Interrupt(3)], enable_checkpointing=True, default_root_dir=str(tmp_path)).fit(
         first, regression_batches(6))
     assert first.samples_seen == 24
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["samples_seen"] == 24
@@ -125,7 +116,7 @@ def test_scheduler_frequency_steps_the_scheduler_every_nth_interval(interval, fr
 
 def test_scheduler_frequency_keeps_its_phase_across_a_resume(tmp_path):
     # stop after 4 of 6 steps: one halving at step 3, one more due at step 6 (not at 4 + 3 = 7)
-    quiet(max_epochs=1, callbacks=[StopAt(4)], enable_checkpointing=True, default_root_dir=str(tmp_path)).fit(
+    quiet(max_epochs=1, callbacks=[Interrupt(4)], enable_checkpointing=True, default_root_dir=str(tmp_path)).fit(
         Regressor(_halving_every("step", 3)), regression_batches(6))
     trainer = quiet(max_epochs=1, enable_checkpointing=True, default_root_dir=str(tmp_path))
     trainer.fit(Regressor(_halving_every("step", 3)), regression_batches(6), ckpt_path="last")
