@@ -203,40 +203,40 @@ class DDPHooks(Regressor):
         return outputs
 
 
-class CountsGradientAllReduces(Callback):
-    """Wraps DDP's default all-reduce comm hook to count the buckets it actually reduces."""
+class LocalGradientsOfMicroBatches(Callback):
+    """The accumulated gradient after each non-final micro-batch: under ``no_sync`` it is this
+    rank's own (different on every rank); had DDP all-reduced it, every rank would hold the same."""
 
     def __init__(self):
-        self.calls = 0
+        self.grads = []
 
-    def on_train_start(self, trainer, module):
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        def counting_hook(state, bucket):
-            self.calls += 1
-            return allreduce_hook(state, bucket)
-
-        trainer.wrapped.register_comm_hook(None, counting_hook)
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            self.grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]).clone())
 
 
 def _ddp_hooks(rank, world, marker_dir):
     module = DDPHooks(marker_dir)
-    counter = CountsGradientAllReduces()
+    micro = LocalGradientsOfMicroBatches()
     trainer = Trainer(strategy=DDPStrategy(accelerator="cpu"), max_epochs=1, accumulate_grad_batches=2, logger=False,
-                      enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[counter])
+                      enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[micro])
     batches = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in regression_batches(4, batch=8)]
     trainer.fit(module, batches)
-    return module.step_end_calls, counter.calls, trainer.global_step
+    return module.step_end_calls, micro.grads, trainer.global_step, module.net.weight.detach().clone()
 
 
 @pytest.mark.timeout(180)
 def test_ddp_prepares_data_once_per_node_calls_step_end_and_syncs_only_at_the_step(tmp_path):
     results = run_on_ranks(_ddp_hooks, 2, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["prepared-by-rank0"]  # local rank 0 only
-    for step_end_calls, allreduces, steps in results:
+    for step_end_calls, _, steps, _ in results:
         assert step_end_calls == 4  # every micro-batch goes through training_step_end under DDP too
         assert steps == 2
-        assert allreduces == 2  # one bucket, reduced on the 2nd and 4th micro-batch only (no_sync before)
+    (_, grads0, _, weight0), (_, grads1, _, weight1) = results
+    assert len(grads0) == len(grads1) == 2  # micro-batches 0 and 2 of 4 (accumulation 2)
+    for g0, g1 in zip(grads0, grads1):
+        assert not torch.allclose(g0, g1)  # not all-reduced: no gradient sync before the last micro-batch
+    assert torch.equal(weight0, weight1)  # ... and synced at the step: replicas stay identical
 
 
 class ReturnsNone(Regressor):
