@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -24,6 +25,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a rank killed by a signal (SIGABRT/SIGSEGV) prints its Python stack
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -45,6 +49,13 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    # The rank's work is done and its result is on disk. Leave without the interpreter's shutdown:
+    # on this machine a spawned gloo rank aborted there now and then ("terminate called without an
+    # active exception", no Python frame left: C++ teardown after Python finished), which failed
+    # tests whose ranks had all computed and saved correct results. Not root-caused; see the notes.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(fn, world_size: int, *args) -> list:
