@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale_ssl.data import ShardedImageStream, ShardSourceError, resolve_location
+from scale_ssl.data import ShardedImageStream, ShardSourceError, ShardTruncatedError, resolve_location
 from scale_ssl.data.shard_source import _open, iter_shard_samples, load_index
 from tests._dist_workers_data import pixels_as_tensor
 from tests._object_stores import gcs_server, gcs_upload, s3_server, s3_upload
@@ -159,6 +159,12 @@ def test_http_range_requests_read_only_each_readers_part(own, tmp_path):
         for rank in range(2):
             got, _ = batches(f"{base}/train/data-{{00..06}}.tar", rank=rank, world=2, workers=0)
             assert_same(got, batches(directory, rank=rank, world=2, workers=0)[0])
+        # A reader whose part starts past the end of a shard cut short (HTTP 416) finds a
+        # truncated shard, whose samples count as missing, not an unreachable one.
+        cut = served / "train" / "data-01.tar"
+        cut.write_bytes(cut.read_bytes()[:4096])
+        with pytest.raises(ShardTruncatedError, match="truncated after 0 complete samples"):
+            list(iter_shard_samples(f"{base}/train/data-01.tar", start_offset=8192, expected_bytes=40960))
     requests = (served / "requests.log").read_text().splitlines()
     ranged = [line for line in requests if re.search(r"\.tar bytes=\d+-$", line)]
     # Without an index on the server the set was indexed on the fly (whole reads); the readers

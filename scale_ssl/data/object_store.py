@@ -98,25 +98,31 @@ def write_object(url: str, data: bytes, timeout: float = 60.0) -> None:
 # -- S3 ------------------------------------------------------------------------------------------
 _clients: dict[Any, Any] = {}
 _clients_lock = threading.Lock()
+_s3_session = None
 
 
 def _s3_client(timeout: float):
+    global _s3_session
     try:
         import boto3
         from botocore.config import Config
     except ImportError:
         raise ObjectStoreError(_BOTO3_HINT, permanent=True) from None
-    # One client per process (boto3 clients are thread-safe but must not cross a fork) and timeout.
+    # One client per process (boto3 clients are thread-safe but must not cross a fork) and
+    # timeout. The session is kept across a fork: a DataLoader worker forked from a process that
+    # already read the index makes its client from the loaded service model in ~0.1 s, not ~1-2 s.
     cache_key = ("s3", os.getpid(), timeout)
     with _clients_lock:
         if cache_key not in _clients:
+            if _s3_session is None:
+                _s3_session = boto3.session.Session()
             config = Config(
                 retries={"mode": "standard", "max_attempts": 4},
                 connect_timeout=timeout,
                 read_timeout=timeout,
                 max_pool_connections=32,
             )
-            _clients[cache_key] = boto3.session.Session().client("s3", config=config)
+            _clients[cache_key] = _s3_session.client("s3", config=config)
         return _clients[cache_key]
 
 
@@ -128,6 +134,9 @@ def _open_s3(bucket: str, key: str, offset: int, timeout: float):
     try:
         response = client.get_object(**request)
     except Exception as error:
+        code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
+        if offset and code == "InvalidRange":  # the object ends before the offset: a truncated shard
+            return io.BytesIO(b""), None
         raise _s3_error(error, f"s3://{bucket}/{key}") from None
     total = None
     content_range = response.get("ContentRange")

@@ -438,6 +438,9 @@ def _open(url: str, timeout: float, offset: int = 0) -> _OpenedShard:
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 raise _MissingFile(f"HTTP 404 {error.reason}") from None
+            if error.code == 416 and offset:  # the file ends before the offset: a truncated shard
+                size = re.match(r"bytes \*/(\d+)", error.headers.get("Content-Range", "") or "")
+                return _OpenedShard(io.BytesIO(b""), total_size=int(size.group(1)) if size else None)
             permanent = 400 <= error.code < 500 and error.code not in _RETRYABLE_CLIENT_ERRORS
             raise _TransportError(f"HTTP {error.code} {error.reason}", permanent) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
@@ -579,7 +582,9 @@ def iter_shard_samples(
     delivered, attempt = 0, 0
     while True:
         opened = _with_retries_missing_named(url, lambda: _open(url, timeout, start_offset), retries - attempt, retry_delay)
-        if expected_bytes is not None and opened.total_size is not None and opened.total_size != expected_bytes:
+        # Longer than indexed: the shard was rewritten, its offsets mean nothing. Shorter: it was
+        # cut (a partial copy, a full disk): what is there is read and the rest counts as missing.
+        if expected_bytes is not None and opened.total_size is not None and opened.total_size > expected_bytes:
             opened.finish(abandon=True)
             raise ShardIndexMismatchError(
                 f"shard {url} is {opened.total_size} bytes but its index lists {expected_bytes}: the shard "
