@@ -79,6 +79,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -975,7 +976,9 @@ class _EpochReader(IterableDataset):
             image = PIL.Image.open(io.BytesIO(encoded))
             image.load()
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError...: all mean unusable
-            reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            # (PIL names the in-memory file object it read from: noise in a message about a shard.)
+            text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+            reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
             return _Unusable(url, key, reason, missing=False)
         return image, label, key
 
