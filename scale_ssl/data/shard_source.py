@@ -194,8 +194,8 @@ def _common_directory(paths: list[str]) -> str:
 
 def list_shards(location: ShardLocation, timeout: float = 60.0) -> list[tuple[str, int | None]]:
     """``(name, size in bytes or None)`` of every shard a location names, names relative to its
-    ``base``, in order: a pattern's shards (globs matched against a listing), or every tar file of
-    a local directory or object-store prefix."""
+    ``base``, in order: a pattern's shards (globs matched against a listing), or the tar files
+    directly in a local directory or under an object-store prefix (not in its subdirectories)."""
     if location.patterns is not None:
         found: list[tuple[str, int | None]] = []
         listing = None
@@ -209,27 +209,34 @@ def list_shards(location: ShardLocation, timeout: float = 60.0) -> list[tuple[st
                           if os.path.isfile(match)]
             else:
                 listing = listing if listing is not None else _list_prefix(location, timeout)
-                found += [(name, size) for name, size in listing if fnmatch.fnmatchcase(name, pattern)]
+                found += [(name, size) for name, size in listing if _glob_match(name, pattern)]
         if not found:
             raise FileNotFoundError(f"no shard matches {location.given!r}")
         return list(dict.fromkeys(found))
+    # A place's own tar files only, not those of its subdirectories: /data/in1k holding train/ and
+    # val/ must not become one set. Nested shards are named with a glob (/data/in1k/*/*.tar).
     if location.kind == "local":
         if not os.path.isdir(location.base):
             raise FileNotFoundError(f"shard location {location.given!r} does not exist")
         names = []
-        for root, _, files in os.walk(location.base):
-            for file in files:
-                if file.endswith(TAR_SUFFIXES) and not file.startswith("."):
-                    path = os.path.join(root, file)
-                    names.append((os.path.relpath(path, location.base), os.path.getsize(path)))
+        for entry in os.scandir(location.base):
+            if entry.is_file() and entry.name.endswith(TAR_SUFFIXES) and not entry.name.startswith("."):
+                names.append((entry.name, entry.stat().st_size))
         return sorted(names)
     if location.kind in ("s3", "gs"):
-        return [(name, size) for name, size in _list_prefix(location, timeout) if name.endswith(TAR_SUFFIXES)]
+        return [(name, size) for name, size in _list_prefix(location, timeout)
+                if name.endswith(TAR_SUFFIXES) and "/" not in name]
     raise ShardSourceError(
         f"{location.given}: a {'pipe: command' if location.kind == 'pipe' else 'HTTP server'} cannot be "
         f"listed, so its shards need an index ({location.url(location.index_name)}) or a brace list "
         f"naming them (e.g. https://host/dir/shard-{{000000..000099}}.tar)"
     )
+
+
+def _glob_match(name: str, pattern: str) -> bool:
+    """Glob matching as a shell does it on paths: a wildcard does not cross a ``/``."""
+    parts, wanted = name.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
 
 
 def _local_size(location: ShardLocation, name: str) -> int | None:
