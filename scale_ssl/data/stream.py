@@ -66,8 +66,8 @@ counted (``epoch_stats()``: ``samples_lost`` is the one figure, ``corrupt_skippe
 samples it reads that epoch, it raises ``DataCorruptionError`` naming the shards and the setting
 (raised in the training process with that one message also when a DataLoader worker found it).
 Two consecutive batches of a reader with no usable sample are an error whatever the fraction. A
-shard holding *more* samples than the index lists, or another byte size than an index with
-offsets recorded, raises ``ShardIndexMismatchError`` (the index is stale).
+shard holding *more* samples than the index lists, or more bytes than an index with sample
+offsets records, raises ``ShardIndexMismatchError`` (the index is stale).
 """
 
 from __future__ import annotations
