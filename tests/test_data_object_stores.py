@@ -148,7 +148,16 @@ def test_gcs_shards_index_and_stream_like_local_ones_through_google_cloud_storag
 
 @pytest.mark.timeout(300)
 def test_http_range_requests_read_only_each_readers_part(own, tmp_path):
+    from scale_ssl.cli.main import main
     from tests.test_data_remote import http_server
+
+    def run_index_shards(location):
+        import argparse
+
+        from scale_ssl.cli.index_shards import run_index_shards as run
+
+        run(argparse.Namespace(location=location, out=None, workers=2, overwrite=False, label_key="auto",
+                               image_keys=None, no_check_images=False))
 
     directory, _, _ = own
     served = tmp_path / "served"
@@ -159,6 +168,12 @@ def test_http_range_requests_read_only_each_readers_part(own, tmp_path):
         for rank in range(2):
             got, _ = batches(f"{base}/train/data-{{00..06}}.tar", rank=rank, world=2, workers=0)
             assert_same(got, batches(directory, rank=rank, world=2, workers=0)[0])
+        # index-shards over HTTP: the server cannot be written to, so the index goes to --out.
+        with pytest.raises(ValueError, match=r"cannot write an index to .* \(an HTTP server\): pass --out"):
+            run_index_shards(f"{base}/train/data-{{00..06}}.tar")
+        assert main(["index-shards", f"{base}/train/data-{{00..06}}.tar", "--out", str(tmp_path / "http.json")]) == 0
+        assert_same(batches(tmp_path / "http.json", rank=1, world=2, workers=0)[0],
+                    batches(directory, rank=1, world=2, workers=0)[0])
         # A reader whose part starts past the end of a shard cut short (HTTP 416) finds a
         # truncated shard, whose samples count as missing, not an unreachable one.
         cut = served / "train" / "data-01.tar"
