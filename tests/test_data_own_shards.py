@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from scale_ssl.data import EpochShardPlan, ShardedImageStream, ShardIndex
 from scale_ssl.data.sample_fields import MissingLabelsError
 from scale_ssl.eval.eval_split import EvalSplit
@@ -196,3 +197,32 @@ def test_exact_plan_covers_the_epoch_at_sample_granularity_whatever_the_shards(s
                     taken.update((shard, member) for member in range(start, stop))
         assert max(taken.values(), default=1) == 1
         assert sum(taken.values()) == plan.steps_per_epoch * world * batch
+
+
+@more_workers_than_cores
+@pytest.mark.timeout(300)
+def test_mid_epoch_resume_is_exact_when_readers_open_shards_at_sample_offsets(own):
+    """The resume contract with parts of shards read by byte offsets: a stream that skips the
+    first n batches yields bitwise the rest of the uninterrupted epoch, and no sample twice."""
+    root, _ = own
+    directory = root / "cls"
+    if not (directory / "shards.json").exists():
+        assert cli_main(["index-shards", str(directory)]) == 0
+    assert all(shard.offsets for shard in ShardIndex.load(directory).shards)
+    options = dict(rank=1, world_size=2, num_workers=2, seed=9, shuffle_buffer=20, return_keys=True)
+
+    def epoch(skip=0):
+        stream = ShardedImageStream(directory, BATCH, pixels_as_tensor, **options)
+        stream.set_epoch(3)
+        if skip:
+            stream.skip_batches(skip)
+        return [(images, keys) for images, _, keys in stream], stream
+
+    full, _ = epoch()
+    for skip in (3, 9):
+        rest, stream = epoch(skip)
+        assert [keys for _, keys in rest] == [keys for _, keys in full[skip:]]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rest, full[skip:]))
+        before = {k for _, keys in full[:skip] for k in keys}
+        assert not before & {k for _, keys in rest for k in keys}
+        assert stream.epoch_stats()["resume_samples_reread"] <= skip * BATCH
