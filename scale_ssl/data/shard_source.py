@@ -74,7 +74,7 @@ from webdataset.tariterators import base_plus_ext
 
 from scale_ssl.data import object_store
 from scale_ssl.data.shard_index import INDEX_FILENAME, ShardIndex, join_location
-from scale_ssl.data.tar_members import TarDamage, TarEntry, iter_tar_entries
+from scale_ssl.data.tar_members import TarDamage, iter_tar_entries
 
 # HTTP client errors that will not go away by asking again (408 timeout and 429 throttling will).
 _RETRYABLE_CLIENT_ERRORS = {408, 429}
