@@ -90,6 +90,7 @@ bench: install $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/trainer_overhead.py $(BENCH_ARGS) --json runs/bench/trainer_overhead.json --write-doc
 	$(BENCH_PY) benchmarks/trainer_overhead.py --profile $(BENCH_ARGS) --write-doc
 	$(PY) benchmarks/data_throughput.py --images 96 --repeats 3
+	$(PY) benchmarks/data_sources.py --images 384 --repeats 5 --workers 0 2
 	$(PY) benchmarks/fit_throughput_memory.py --batch 64 --steps 4 --warmup 2 --repeats 3 --json runs/bench/fit_throughput_memory.json --write-doc
 
 clean:

@@ -65,6 +65,8 @@ def build_train_stream(config: DictConfig, strategy, batch_size: int) -> Sharded
         retries=d.retries,
         retry_delay=d.retry_delay,
         io_timeout=d.io_timeout,
+        image_keys=list(d.image_keys) or None,
+        label_key=d.label_key,
     )
 
 

@@ -101,6 +101,15 @@ def validate_config(config: DictConfig) -> None:
     for key in ("retries", "retry_delay", "io_timeout"):
         if d[key] < 0:
             raise ConfigError(f"data.{key} must be >= 0, got {d[key]}")
+    from scale_ssl.data.sample_fields import check_label_key
+
+    try:
+        check_label_key(d.label_key, "data.label_key")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key in d.image_keys:
+        if not key or not key.strip() or any(c in key for c in "./: "):
+            raise ConfigError(f"data.image_keys holds {key!r}; give member extensions such as [jpg, png, webp]")
     check_kwargs(METHODS[config.method], OmegaConf.to_container(config.model, resolve=True), section="model")
     if config.optim is not None:
         from scale_ssl.optim import OptimRecipe, RecipeError

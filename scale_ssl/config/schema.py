@@ -72,6 +72,12 @@ class DataConfig:
     retries: int = 3
     retry_delay: float = 1.0
     io_timeout: float = 60.0
+    # Tar member extensions holding a sample's image, tried in order; empty: the index's
+    # image_key, then jpg, jpeg, png, webp, ... (scale_ssl/data/sample_fields.py).
+    image_keys: List[str] = field(default_factory=list)
+    # Where labels are: "auto" (what the shard index says), "cls", "json:<field>", or null: no
+    # labels (pretraining only; batches carry -1; evaluations that need labels refuse by name).
+    label_key: Optional[str] = "auto"
     image_size: int = 28
     channels: int = 1
     mean: List[float] = field(default_factory=lambda: [0.2860])

@@ -971,7 +971,8 @@ class Trainer:
             return
         numbers = {f"data/{k}": float(v) for k, v in stats().items() if isinstance(v, (int, float))}
         if numbers:
-            self._publish(numbers, shown=[k for k in numbers if k in ("data/corrupt_skipped", "data/samples_dropped")])
+            # samples_lost (undecodable + missing from damaged or short shards) is the one figure shown.
+            self._publish(numbers, shown=[k for k in numbers if k in ("data/samples_lost", "data/samples_dropped")])
 
     def log_metrics(self, values: dict[str, float]) -> None:
         """For callbacks: publish host floats to the logger and ``callback_metrics``."""
