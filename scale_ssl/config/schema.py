@@ -72,6 +72,10 @@ class DataConfig:
     retries: int = 3
     retry_delay: float = 1.0
     io_timeout: float = 60.0
+    # Where the view augmentation runs: "cpu" (every op per sample in the loader) or "device" (the
+    # loader ships uint8 crops and per-sample parameters; colour jitter, grayscale, blur, solarize,
+    # flip and normalisation run batched on the training device). scale_ssl/data/transforms.py.
+    augment_on: str = "cpu"
     image_size: int = 28
     channels: int = 1
     mean: List[float] = field(default_factory=lambda: [0.2860])

@@ -243,7 +243,8 @@ class ShardedImageStream:
             collated into a tuple of stacked views: batches are ``((view1, view2), labels)``;
             a tensor result gives ``(images, labels)``. Must be picklable when ``num_workers > 0``.
             Its randomness must come from torch's or Python's global RNG (torchvision's does),
-            which the stream seeds per sample.
+            which the stream seeds per sample. A transform with a ``decode(bytes)`` method gets
+            what that returns instead of a PIL image (decode errors count as corrupt samples).
         mode: ``"exact"`` (each sample at most once per epoch) or ``"resampled"``; see the
             module docstring.
         rank, world_size: this process's place; both default to the initialised
@@ -872,8 +873,14 @@ class _EpochReader(IterableDataset):
             if encoded is None:
                 raise ValueError(f"no image member ({self.image_key!r}); members are {sorted(members)}")
             label = int(members["cls"])
-            image = PIL.Image.open(io.BytesIO(encoded))
-            image.load()
+            # A transform with its own decoder (e.g. AugmentedViews: OpenCV, reduced-size JPEG)
+            # gets what that returns; its errors count as corrupt samples like PIL's.
+            decode = getattr(self.transform, "decode", None)
+            if decode is not None:
+                image = decode(encoded)
+            else:
+                image = PIL.Image.open(io.BytesIO(encoded))
+                image.load()
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError...: all mean unusable
             reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             if "cls" not in members:

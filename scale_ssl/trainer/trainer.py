@@ -399,7 +399,7 @@ class Trainer:
                     for batch_idx, batch in enumerate(loader):
                         if limit is not None and batch_idx >= limit:
                             break
-                        batch = self.strategy.batch_to_device(batch)
+                        batch = module.on_after_batch_transfer(self.strategy.batch_to_device(batch), dl_idx)
                         with self.precision.autocast():
                             outputs.append(module.predict_step(batch, batch_idx, dl_idx) if len(loaders) > 1 else module.predict_step(batch, batch_idx))
                     results.append(outputs)
@@ -597,7 +597,7 @@ class Trainer:
         return 1
 
     def _train_batch(self, module: SSLModule, batch, batch_idx: int, num_batches: int | None) -> bool:
-        batch = self.strategy.batch_to_device(batch)
+        batch = module.on_after_batch_transfer(self.strategy.batch_to_device(batch), 0)
         response = module.on_train_batch_start(batch, batch_idx)
         for cb in self.callbacks:
             cb.on_train_batch_start(self, module, batch, batch_idx)
@@ -913,7 +913,7 @@ class Trainer:
                     for batch_idx, batch in enumerate(loader):
                         if limit is not None and batch_idx >= limit:
                             break
-                        batch = self.strategy.batch_to_device(batch)
+                        batch = module.on_after_batch_transfer(self.strategy.batch_to_device(batch), dl_idx)
                         args = (batch, batch_idx, dl_idx) if len(loaders) > 1 else (batch, batch_idx)
                         with self.precision.autocast():
                             out = step_end(self.strategy.eval_step(module, f"{prefix}_step", args))
