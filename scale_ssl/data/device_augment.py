@@ -100,7 +100,7 @@ class DeviceViewAugment(nn.Module):
                 factors = params[:, _FACTOR_COLUMN[op]].to(x.dtype)
                 x = self._where(x, rows, lambda part, r, op=op, f=factors: _JITTER[op](self, part, f[r]))
         if channels == 3:
-            x = self._where(x, host[:, GRAYSCALE] > 0.5, lambda part, rows: self._gray(part).expand_as(part))
+            x = self._where(x, host[:, GRAYSCALE] > 0.5, lambda part, rows: self._gray(part).expand_as(part).contiguous())
         kernel = max(3, int(self.blur_kernel_fraction * x.shape[-1]) // 2 * 2 + 1)
         sigmas = params[:, SIGMA].to(x.dtype)
         x = self._where(x, host[:, BLUR] > 0.5, lambda part, rows: _gaussian_blur(part, sigmas[rows], kernel))
