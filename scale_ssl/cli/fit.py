@@ -135,6 +135,7 @@ def run_fit(config: DictConfig):
         on_nonfinite_loss=t.on_nonfinite_loss,
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
         compile_model=t.compile,
+        channels_last=t.channels_last,
     )
     if strategy.is_global_zero:
         d = resolved["derived"]

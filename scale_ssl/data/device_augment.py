@@ -137,9 +137,7 @@ class DeviceViewAugment(nn.Module):
         return (f * x + (1.0 - f) * self._gray(x)).clamp_(0.0, 1.0)
 
     def _hue(self, x, shift):
-        hue, saturation, value = _rgb_to_hsv(x)
-        hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-        return _hsv_to_rgb(hue, saturation, value)
+        return _rotate_hue(x, shift)
 
 
 _JITTER = (DeviceViewAugment._brightness, DeviceViewAugment._contrast, DeviceViewAugment._saturation,
@@ -152,29 +150,22 @@ def _is_view_pair(item) -> bool:
             and item[1].ndim == 2 and item[1].shape[-1] == NUM_PARAMS)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, 3, H, W) RGB in [0, 1] -> hue in turns [0, 1), saturation, value (each (B, H, W))."""
+def _rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` (RGB -> HSV, H + shift turns, -> RGB) without building S:
+    with value v = max, chroma c = max - min and the hue h6 in sixths of a turn (the sector
+    formula), each channel k of the result is ``v - c clip(min(m_k, 4 - m_k), 0, 1)`` with
+    ``m_k = (n_k + h6 + 6 shift) mod 6``, n = (5, 3, 1) for R, G, B (v s = c, so S cancels).
+    About a fifth of the memory traffic of converting to HSV and back."""
     r, g, b = x.unbind(1)
-    value, _ = x.max(1)
-    low, _ = x.min(1)
-    chroma = value - low
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, torch.ones_like(value)),
-                             torch.zeros_like(value))
-    # The sector formula: which channel is the maximum decides the base angle.
-    hue = torch.where(value == r, (g - b) / safe,
-                      torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = torch.where(chroma > 0, torch.remainder(hue / 6.0, 1.0), torch.zeros_like(hue))
-    return hue, saturation, value
-
-
-def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_rgb_to_hsv``: the piecewise-linear channel curves of the hue circle."""
-    # Each channel k is v - v s clip(min(m, 4 - m), 0, 1) with m = (n_k + 6 h) mod 6.
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
-    m = torch.remainder(offsets + 6.0 * hue.unsqueeze(1), 6.0)
-    ramp = torch.minimum(m, 4.0 - m).clamp_(0.0, 1.0)
-    return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * ramp
+    value = x.amax(1, keepdim=True)
+    chroma = value - x.amin(1, keepdim=True)
+    safe = chroma.clamp_min(1e-12).squeeze(1)  # where chroma is 0 every difference below is 0 too
+    top = value.squeeze(1)
+    h6 = torch.where(top == r, (g - b) / safe, torch.where(top == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h6 = (h6 + 6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.remainder(offsets + h6, 6.0)
+    return value - chroma * torch.minimum(m, 4.0 - m).clamp_(0.0, 1.0)
 
 
 def _gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor, kernel: int) -> torch.Tensor:
