@@ -17,10 +17,11 @@ the blur a separable sampled Gaussian with the paper's kernel (10 % of the view'
 reflected borders. Pixels stay float from the first op to the last (the CPU path rounds to uint8
 after each op; the two agree to a few grey levels, tests/test_augment_device.py).
 
-Why by hand on torch ops: it measured faster on this CPU than kornia 0.9 (whose ops take
-per-sample factors but run every op on the whole batch and recompute HSV per op) and than a
-CPU-only NVIDIA DALI pipeline (docs/BENCHMARKS.md, "Augmentation on the device"), it needs no
-dependency, and one host read of the small parameter matrix per view is its only sync.
+Why by hand on torch ops: it measured faster on this CPU than kornia 0.9's ``kornia.augmentation``
+modules and than an NVIDIA DALI 2.4 CPU pipeline given the same crops (docs/BENCHMARKS.md,
+"Augmentation", (b)); neither reproduces the published jitter (kornia draws one op order per
+batch; DALI has no random order and its hue/saturation are not torchvision's); it adds no
+dependency; and one host read of the small parameter matrix per view is its only sync.
 """
 
 from __future__ import annotations
