@@ -51,7 +51,7 @@ class TrainerConfig:
     # seconds at start, which short runs do not earn back (docs/BENCHMARKS.md "torch.compile").
     compile: bool = False
     # Channels-last memory format for the model's convolutions: null (default) turns it on where it
-    # measured faster (CUDA; bf16-mixed on a CPU) under single/ddp; true/false force it.
+    # is faster (CUDA; bf16-mixed on a CPU with native bf16) under single/ddp; true/false force it.
     channels_last: Optional[bool] = None
     # strategy=ddp: DistributedDataParallel(static_graph=True), valid when every step uses the
     # same parameters in the same order (no unused or conditionally used parameters, no frozen

@@ -56,6 +56,14 @@ COMPILE_STRATEGIES = ("single", "ddp")
 CHANNELS_LAST_STRATEGIES = ("single", "ddp")
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU runs oneDNN's bf16 kernels natively (AVX512-BF16 / AMX), not emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _compile_encoder(module: SSLModule) -> None:
     """Compile ``module.encoder`` in place (``nn.Module.compile``: the module object, its
     parameters and state-dict keys stay, only its call goes through ``torch.compile``), once."""
@@ -105,8 +113,8 @@ class Trainer:
         max_consecutive_nonfinite: consecutive non-finite steps tolerated under "stop".
         channels_last: convert the module's 4-D weights to channels-last memory format before
             training (inputs follow inside the first convolution). None (default): on for a
-            convolutional module under "single"/"ddp" on CUDA, or under bf16-mixed on a CPU, where
-            it measured faster; off otherwise (fp32 on a CPU measured no faster). True forces it
+            convolutional module under "single"/"ddp" on CUDA, or under bf16-mixed on a CPU with
+            native bf16; off otherwise (fp32 on a CPU measured no faster). True forces it
             (single/ddp only), False keeps the default layout.
         compile_model: ``torch.compile`` the method's ``encoder`` (the backbone every method has,
             nearly all of a step's compute) in place with ``nn.Module.compile``, so parameter
@@ -464,11 +472,13 @@ class Trainer:
         module.teardown(stage)
 
     def _wants_channels_last(self, module: SSLModule) -> bool:
-        """``channels_last`` resolved: as set, or (null) on where it measured faster and nothing
-        in the engine lays out parameters itself: a 2-D convolutional module under single/ddp,
-        on a CUDA device or under bf16-mixed on a CPU (oneDNN's bf16 convolutions run in
-        channels-last). Off for fp32 on a CPU, where it measured no faster (docs/BENCHMARKS.md,
-        "The SimCLR step")."""
+        """``channels_last`` resolved: as set, or (null) on where it is faster and nothing in the
+        engine lays out parameters itself: a 2-D convolutional module under single/ddp, on a CUDA
+        device (NVIDIA's guidance for convolutions on tensor cores) or under bf16-mixed on a CPU
+        whose oneDNN runs bf16 natively (the hand-written bf16 + channels-last step measured 1.25 s
+        against 2.01 s for ours without it on such a CPU, issue #20). Off for fp32 on a CPU,
+        where it measured no faster, and where bf16 is emulated (docs/BENCHMARKS.md, "The SimCLR
+        step")."""
         if self.channels_last_setting is not None:
             return self.channels_last_setting
         if self.strategy.name not in CHANNELS_LAST_STRATEGIES:
@@ -476,7 +486,7 @@ class Trainer:
         if not any(isinstance(m, nn.Conv2d) for m in module.modules()):
             return False
         device = self.strategy.root_device.type
-        return device == "cuda" or (device == "cpu" and self.precision_name == "bf16-mixed")
+        return device == "cuda" or (device == "cpu" and self.precision_name == "bf16-mixed" and native_cpu_bf16())
 
     def _train_loader(self):
         """The training loader, fetched once and lazily: ``configure_optimizers`` may ask for
