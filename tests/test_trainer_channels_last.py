@@ -76,3 +76,15 @@ def test_channels_last_trains_the_same_model_and_its_checkpoint_loads_anywhere(t
     assert not conv_weights_channels_last(restored.encoder)
     for (name, a), (_, b) in zip(restored.state_dict().items(), last.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_fp32_is_faster(tmp_path):
+    """Every shipped config asks for bf16-mixed; where oneDNN emulates bf16 that is the slow choice,
+    and the user is told so (once, as a warning) rather than left to find out."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, steps=1, precision="bf16-mixed")
+    said = any("bf16 is emulated" in str(w.message) for w in caught)
+    assert said is (not native_cpu_bf16())

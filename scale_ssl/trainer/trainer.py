@@ -453,6 +453,12 @@ class Trainer:
         self.module = module
         module.trainer = self
         self.precision = Precision(self.precision_name, strategy.root_device, autocast=strategy.autocast_enabled)
+        if self.precision_name == "bf16-mixed" and strategy.root_device.type == "cpu" and not native_cpu_bf16():
+            warnings.warn(
+                "trainer.precision='bf16-mixed' on a CPU whose oneDNN has no native bf16 (no AVX512-BF16 or AMX): "
+                "bf16 is emulated here and slower than fp32; set trainer.precision=32 for speed on this machine",
+                stacklevel=2,
+            )
         # prepare_data writes to disk: once per node, before any rank builds a loader.
         if strategy.local_rank == 0:
             if datamodule is not None and hasattr(datamodule, "prepare_data"):
