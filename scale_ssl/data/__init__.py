@@ -27,7 +27,15 @@ from scale_ssl.data.stream import (
     ShardIndexMismatchError,
 )
 from scale_ssl.data.multicrop import MultiCropViews
-from scale_ssl.data.transforms import FMNIST_MEAN, FMNIST_STD, EvalTransform, SimCLRViews
+from scale_ssl.data.transforms import (
+    FMNIST_MEAN,
+    FMNIST_STD,
+    AugmentedViews,
+    BYOLViews,
+    EvalTransform,
+    SimCLRViews,
+)
+from scale_ssl.data.view_recipe import ViewRecipe
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -59,6 +67,9 @@ __all__ = [
     "FMNIST_MEAN",
     "FMNIST_STD",
     "EvalTransform",
+    "AugmentedViews",
     "SimCLRViews",
+    "BYOLViews",
     "MultiCropViews",
+    "ViewRecipe",
 ]

@@ -270,7 +270,8 @@ class ShardedImageStream:
             collated into a tuple of stacked views: batches are ``((view1, view2), labels)``;
             a tensor result gives ``(images, labels)``. Must be picklable when ``num_workers > 0``.
             Its randomness must come from torch's or Python's global RNG (torchvision's does),
-            which the stream seeds per sample.
+            which the stream seeds per sample. A transform with a ``decode(bytes)`` method gets
+            what that returns instead of a PIL image (decode errors count as corrupt samples).
         mode: ``"exact"`` (each sample at most once per epoch) or ``"resampled"``; see the
             module docstring.
         rank, world_size: this process's place; both default to the initialised
@@ -973,8 +974,14 @@ class _EpochReader(IterableDataset):
         except ValueError as error:
             return _Unusable(url, key, str(error), missing=False)
         try:
-            image = PIL.Image.open(io.BytesIO(encoded))
-            image.load()
+            # A transform with its own decoder (e.g. AugmentedViews: OpenCV, reduced-size JPEG)
+            # gets what that returns; its errors count as corrupt samples like PIL's.
+            decode = getattr(self.transform, "decode", None)
+            if decode is not None:
+                image = decode(encoded)
+            else:
+                image = PIL.Image.open(io.BytesIO(encoded))
+                image.load()
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError...: all mean unusable
             # (PIL names the in-memory file object it read from: noise in a message about a shard.)
             text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
