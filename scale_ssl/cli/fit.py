@@ -146,8 +146,8 @@ def run_fit(config: DictConfig):
             f"{d['negatives_per_anchor']} negatives per anchor",
             flush=True,
         )
-    try:
-        trainer.fit(module, stream, ckpt_path=t.ckpt_path)
-    finally:
-        strategy.teardown()
+    trainer.fit(module, stream, ckpt_path=t.ckpt_path)
+    # Nothing after fit needs the group. After an error the strategy's exit hook destroys it
+    # instead, once the traceback holding DDP's frames is released (strategies/ddp.py).
+    strategy.teardown()
     return trainer, module

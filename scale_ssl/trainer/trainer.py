@@ -30,8 +30,17 @@ from scale_ssl.strategies.checkpoint_io import (
 from scale_ssl.strategies.ddp import CollectiveFailure, is_collective_failure
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer.callback import Callback
+from scale_ssl.trainer.data_distribution import (
+    EVAL,
+    TRAIN,
+    batch_size_of,
+    distribute_loader,
+    equal_batches_by_construction,
+    lockstep_batches,
+    set_loader_epoch,
+)
 from scale_ssl.trainer.manual_optimization import OptimizerToggle, WrappedOptimizer
-from scale_ssl.trainer.metrics import reduce_and_fetch
+from scale_ssl.trainer.metrics import reduce_and_fetch, reduce_epoch_and_fetch
 from scale_ssl.trainer.module import SSLModule
 from scale_ssl.trainer.optimizer_config import SchedulerConfig, parse_optimizer_config
 from scale_ssl.trainer.precision import Precision
@@ -108,6 +117,12 @@ class Trainer:
             "torch.compile"), which short runs do not earn back. Supported under "single" and
             "ddp"; refused under dp (threads replicate the module), deepspeed and xla (their own
             engines trace the model).
+        use_distributed_sampler: under a multi-rank strategy, re-create a map-style DataLoader
+            given to fit/validate/test/predict (directly, by the module's hooks or a datamodule)
+            so each rank reads its share: training splits the (shuffled, re-shuffled every epoch)
+            order into equal shares without repeats, evaluation into shares that together hold
+            every sample exactly once; a user's own sampler is kept and split the same way
+            (``scale_ssl/trainer/data_distribution.py``). False: loaders are used as given.
 
     Under an elastic restart (torchrun sets ``TORCHELASTIC_RESTART_COUNT > 0``) ``fit`` defaults
     to ``ckpt_path="last"``: the newest checkpoint that passes its checksum (``last.ckpt``, else the
@@ -148,6 +163,7 @@ class Trainer:
         on_nonfinite_loss: str = "stop",
         max_consecutive_nonfinite: int = 3,
         compile_model: bool = False,
+        use_distributed_sampler: bool = True,
     ):
         _check_int("trainer.max_steps", max_steps, minimum=-1)
         if not isinstance(compile_model, bool):
@@ -188,6 +204,10 @@ class Trainer:
                 f"{self.strategy.name!r} (its engine replicates or traces the model itself); set trainer.compile=false"
             )
         self.compile_model = compile_model
+        if not isinstance(use_distributed_sampler, bool):
+            raise TypeError(f"use_distributed_sampler must be True or False, got {use_distributed_sampler!r}")
+        self.use_distributed_sampler = use_distributed_sampler
+        self._equal_batches = True
         self.fast_dev_run = fast_dev_batches
         if fast_dev_batches:
             # As in Lightning: n batches of each stage, one epoch, nothing written.
@@ -370,6 +390,10 @@ class Trainer:
                 self._call("on_fit_end")
             self._finish_logger(status)
             self._teardown(module, "fit")
+            # The training wrapper (DDP holds the process group) is not needed past fit:
+            # validate/test/predict run the module itself. Dropping it lets the strategy's
+            # process group be freed, threads joined, when it is destroyed (strategies/ddp.py).
+            self.wrapped = None
         self.state = "finished"
         return module
 
@@ -446,12 +470,20 @@ class Trainer:
         ``estimated_stepping_batches`` before the loop starts, as in Lightning."""
         if self.train_dataloader is None and self.state == "fit" and self.module is not None:
             if self._train_source is not None:
-                self.train_dataloader = self._train_source
+                loader = self._train_source
             elif self._datamodule is not None and hasattr(self._datamodule, "train_dataloader"):
-                self.train_dataloader = self._datamodule.train_dataloader()
+                loader = self._datamodule.train_dataloader()
             else:
-                self.train_dataloader = self.module.train_dataloader()
+                loader = self.module.train_dataloader()
+            self.train_dataloader = self._distribute(loader, TRAIN, "the training loader")
+            self._equal_batches = equal_batches_by_construction(self.train_dataloader, self.world_size)
         return self.train_dataloader
+
+    def _distribute(self, loader, stage: str, what: str):
+        if loader is None or not self.use_distributed_sampler:
+            return loader
+        return distribute_loader(loader, stage, self.world_size, self.global_rank,
+                                 self.seed if self.seed is not None else 0, what)
 
     def _loaders(self, given, hook: str, datamodule) -> list:
         if given is None:
@@ -459,9 +491,10 @@ class Trainer:
             given = getattr(source, hook)()
         if given is None:
             return []
-        if isinstance(given, (list, tuple)) and given and _is_loader(given[0]):
-            return list(given)
-        return [given]
+        loaders = list(given) if isinstance(given, (list, tuple)) and given and _is_loader(given[0]) else [given]
+        what = hook.replace("_dataloader", "").replace("val", "validation")
+        return [self._distribute(loader, EVAL, f"the {what} loader" + (f" {i}" if len(loaders) > 1 else ""))
+                for i, loader in enumerate(loaders)]
 
     def _recipe_optimizers(self, module: SSLModule):
         """The config's ``optim`` recipe replaces the method's own ``configure_optimizers``."""
@@ -509,8 +542,7 @@ class Trainer:
 
     def _run_epoch(self, module: SSLModule) -> None:
         loader = self.train_dataloader
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.current_epoch)
+        set_loader_epoch(loader, self.current_epoch)
         module._stage = "train"
         self._call("on_train_epoch_start")
         num_batches = self.num_training_batches
@@ -523,12 +555,18 @@ class Trainer:
             loader.skip_batches(skip)
             start, skip = skip, 0
         exhausted, batch_idx = True, -1
-        for batch_idx, batch in enumerate(self.strategy.device_batches(loader), start=start):
+        batches = self.strategy.device_batches(loader)
+        if not self._equal_batches:
+            # Equal per-rank batches are not guaranteed by how this loader is built: every rank
+            # learns every rank's batch size before the step (one small all-gather per step).
+            batches = lockstep_batches(batches, self.strategy.collective, self.strategy.root_device, num_batches,
+                                       start, self._describe_batch)
+        for batch_idx, batch in enumerate(batches, start=start):
             if num_batches is not None and batch_idx >= num_batches:
                 break
             if batch_idx < skip:
                 continue
-            self._window[1] += _batch_size(batch) * self.world_size
+            self._window[1] += batch_size_of(batch) * self.world_size
             stepped = self._train_batch(module, batch, batch_idx, num_batches)
             self._batch_in_epoch = batch_idx + 1
             if stepped and self.global_step % self.log_every_n_steps == 0:
@@ -554,6 +592,9 @@ class Trainer:
             )
         if exhausted:
             self._end_epoch(module)
+
+    def _describe_batch(self, batch_idx: int) -> str:
+        return f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
 
     def _end_epoch(self, module: SSLModule) -> None:
         if self._validation_due():
@@ -598,6 +639,7 @@ class Trainer:
 
     def _train_batch(self, module: SSLModule, batch, batch_idx: int, num_batches: int | None) -> bool:
         batch = self.strategy.batch_to_device(batch)
+        module._batch_size_hint = batch_size_of(batch)
         response = module.on_train_batch_start(batch, batch_idx)
         for cb in self.callbacks:
             cb.on_train_batch_start(self, module, batch, batch_idx)
@@ -914,6 +956,7 @@ class Trainer:
                         if limit is not None and batch_idx >= limit:
                             break
                         batch = self.strategy.batch_to_device(batch)
+                        module._batch_size_hint = batch_size_of(batch)
                         args = (batch, batch_idx, dl_idx) if len(loaders) > 1 else (batch, batch_idx)
                         with self.precision.autocast():
                             out = step_end(self.strategy.eval_step(module, f"{prefix}_step", args))
@@ -926,7 +969,7 @@ class Trainer:
             if callable(epoch_end):  # the older Lightning form, with every step's outputs
                 epoch_end(all_outputs[0] if len(loaders) == 1 else all_outputs)
             self._call(f"on_{prefix}_epoch_end")
-            values = reduce_and_fetch(module._metrics.pop_epoch(), self.strategy)
+            values = reduce_epoch_and_fetch(module._metrics.pop_epoch(), self.strategy)
             values.update(reduce_and_fetch(module._metrics.pop_step(), self.strategy))
             self.callback_metrics.update(values)
             if log and self.logger is not None and values:
@@ -960,8 +1003,8 @@ class Trainer:
         epoch_values = module._metrics.pop_epoch()
         if not epoch_values:
             return
-        values = reduce_and_fetch(epoch_values, self.strategy)
-        self._publish(values, shown=[n for n, (_, o) in epoch_values.items() if o.prog_bar])
+        values = reduce_epoch_and_fetch(epoch_values, self.strategy)
+        self._publish(values, shown=[n for n, (_, _, o) in epoch_values.items() if o.prog_bar])
 
     def _log_data_stats(self) -> None:
         """The stream's per-epoch counts (dropped, corrupt skipped, re-seen after resume) to the
@@ -1155,18 +1198,6 @@ def _extract_loss(outputs) -> torch.Tensor | None:
     raise TypeError(
         f"training_step must return a loss tensor, a dict with 'loss', or None; got {type(outputs).__name__}"
     )
-
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() > 0 else 1
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            return _batch_size(item)
-    if isinstance(batch, dict):
-        for item in batch.values():
-            return _batch_size(item)
-    return 1
 
 
 def _is_loader(obj) -> bool:
