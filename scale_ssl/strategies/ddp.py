@@ -136,9 +136,12 @@ class DDPStrategy(Strategy):
     """``torch.nn.parallel.DistributedDataParallel`` with an optional SyncBatchNorm conversion.
 
     Args:
-        sync_batchnorm: normalise with global-batch statistics (SimCLR's "global BN"; local BN
-            lets a contrastive model cheat, google-research/simclr #114): ``nn.SyncBatchNorm`` on
-            GPUs, our ``GlobalBatchNorm`` elsewhere. Costs one collective per BN layer per step.
+        sync_batchnorm: normalise with global-batch statistics (SimCLR's "global BN"), on by
+            default: ``nn.SyncBatchNorm`` on GPUs, our ``GlobalBatchNorm`` elsewhere, so N ranks
+            x b train as one process on N x b (design contract 2). False keeps per-rank BN: each
+            rank normalises with its own b samples' statistics, which a contrastive model can use
+            to tell ranks apart and cheat (google-research/simclr #114). Costs one small
+            collective per BN layer per step (docs/BENCHMARKS.md "Global BatchNorm").
         timeout_s: collective timeout; a rank that died leaves the others failing after this long
             instead of hanging forever.
         find_unused_parameters, static_graph, gradient_as_bucket_view: passed to DDP.
@@ -153,7 +156,7 @@ class DDPStrategy(Strategy):
     def __init__(
         self,
         accelerator: str = "auto",
-        sync_batchnorm: bool = False,
+        sync_batchnorm: bool = True,
         timeout_s: float = 1800.0,
         find_unused_parameters: bool = False,
         static_graph: bool = False,

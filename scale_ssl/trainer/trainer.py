@@ -277,6 +277,7 @@ class Trainer:
         self._end_epoch_early = False
         self._train_source = None
         self._datamodule = None
+        self._planned_steps: int | None = None
 
     # -- derived quantities a module may ask for -------------------------------------------
     @property
@@ -339,6 +340,7 @@ class Trainer:
         self.train_dataloader = self._train_loader()
         if self.train_dataloader is None:
             raise ValueError("no training data: pass train_dataloaders to fit() or implement train_dataloader()")
+        self._planned_steps = self._steps_planned_for_this_fit()
         self.val_dataloaders = self._loaders(val_dataloaders, "val_dataloader", datamodule)
 
         if ckpt_path is None and self.enable_checkpointing and elastic_restart_count() > 0:
@@ -1049,6 +1051,7 @@ class Trainer:
             "epoch": self.current_epoch,
             "batch_in_epoch": self._batch_in_epoch,
             "world_size": self.world_size,
+            "planned_steps": self._planned_steps,
             "rng_states": self.strategy.all_gather_object(rng_state()),
             "callbacks": {},
             "mlflow_run_id": self.logger.run_id if self.logger is not None else None,
@@ -1087,6 +1090,13 @@ class Trainer:
                   f"{elastic_restart_count()}; the newest checkpoint that passed its checksum)", flush=True)
         return checkpoint
 
+    def _steps_planned_for_this_fit(self) -> int | None:
+        """``estimated_stepping_batches`` (what schedules are laid over), or None when unknown."""
+        try:
+            return self.estimated_stepping_batches
+        except ValueError:
+            return None
+
     def _resolve_ckpt_path(self, ckpt_path: str) -> str:
         if ckpt_path == "last":
             return os.path.join(self.checkpoint_dir, "last.ckpt")
@@ -1102,13 +1112,27 @@ class Trainer:
         if checkpoint.get("state_dict") is not None:  # None: the strategy's engine loaded the weights
             module.load_state_dict(checkpoint["state_dict"])
         self.strategy.load_optimizer_states(self.optimizers, checkpoint["optimizer_states"])
+        old_plan = checkpoint.get("planned_steps")
+        replan = old_plan is not None and self._planned_steps is not None and old_plan != self._planned_steps
+        lr_before = [group["lr"] for opt in self.optimizers for group in opt.param_groups]
         for config, state, count in zip(self.lr_scheduler_configs, checkpoint["lr_scheduler_states"],
                                         checkpoint.get("lr_scheduler_step_counts", [0] * len(self.lr_scheduler_configs))):
-            config.scheduler.load_state_dict(state)
+            if replan and not isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                _fast_forward(config.scheduler, int(state.get("last_epoch", 0)))
+            else:
+                config.scheduler.load_state_dict(state)
             config._steps = count
         self.precision.load_state_dict(checkpoint.get("precision_state", {}))
         self.global_step = int(checkpoint["global_step"])
         self.current_epoch = int(checkpoint["epoch"])
+        if replan and self.lr_scheduler_configs and self.is_global_zero:
+            lr_now = [group["lr"] for opt in self.optimizers for group in opt.param_groups]
+            print(f"scale_ssl: resuming at global step {self.global_step} of a run planned for {old_plan} optimizer "
+                  f"steps; this run is planned for {self._planned_steps} (max_steps/max_epochs or the steps per "
+                  f"epoch changed). The learning-rate schedule is re-planned over {self._planned_steps} steps and "
+                  f"continues at step {self.global_step} of that plan: lr {_format_lrs(lr_before)} (the old plan's) -> "
+                  f"{_format_lrs(lr_now)}. The steps already taken followed the old plan, so this is not the run a "
+                  f"{self._planned_steps}-step run from the start would have been.", flush=True)
         self._batches_to_skip = int(checkpoint.get("batch_in_epoch", 0))
         self._batch_in_epoch = self._batches_to_skip
         states = checkpoint.get("rng_states") or []
@@ -1164,6 +1188,25 @@ def elastic_restart_count() -> int:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     except ValueError:
         return 0
+
+
+def _fast_forward(scheduler, steps: int) -> None:
+    """Bring a freshly built scheduler (laid over this run's length) to where the checkpoint's
+    scheduler stood, ``steps`` calls of ``step()`` in: closed form for ``LambdaLR`` (its lr is a
+    function of the step count), step by step for chained schedulers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "step() before optimizer.step()": no step is taken here
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.last_epoch = steps - 1
+            scheduler.step()
+        else:
+            for _ in range(steps):
+                scheduler.step()
+
+
+def _format_lrs(lrs: list[float]) -> str:
+    distinct = list(dict.fromkeys(f"{lr:.4g}" for lr in lrs))
+    return distinct[0] if len(distinct) == 1 else "[" + ", ".join(distinct) + "]"
 
 
 def _newest_good_checkpoint(last: str) -> tuple[str, str | None]:
