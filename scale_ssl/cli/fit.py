@@ -46,8 +46,8 @@ def build_strategy_from_config(config: DictConfig):
                        offload_parameters=t.offload_parameters, config=t.deepspeed_config)
     if t.sync_batchnorm and t.strategy in _NO_GLOBAL_BATCHNORM:
         raise ConfigError(
-            f"trainer.sync_batchnorm=true (the default: BatchNorm over the global batch) needs trainer.strategy=ddp "
-            f"or xla; {_NO_GLOBAL_BATCHNORM[t.strategy]}. Set trainer.sync_batchnorm=false to train with those "
+            f"trainer.sync_batchnorm=true needs trainer.strategy=ddp or xla (it is the default: BatchNorm over the "
+            f"global batch); {_NO_GLOBAL_BATCHNORM[t.strategy]}. Set trainer.sync_batchnorm=false to train with those "
             "per-part statistics (then N parts x b is not one process on N x b)"
         )
     return build_strategy(t.strategy, **options)
