@@ -1131,8 +1131,8 @@ class Trainer:
                   f"steps; this run is planned for {self._planned_steps} (max_steps/max_epochs or the steps per "
                   f"epoch changed). The learning-rate schedule is re-planned over {self._planned_steps} steps and "
                   f"continues at step {self.global_step} of that plan: lr {_format_lrs(lr_before)} (the old plan's) -> "
-                  f"{_format_lrs(lr_now)}. The steps already taken followed the old plan, so this is not the run a "
-                  f"{self._planned_steps}-step run from the start would have been.", flush=True)
+                  f"{_format_lrs(lr_now)}. The steps already taken followed the old plan, so the run differs from one "
+                  f"planned for {self._planned_steps} steps from the start.", flush=True)
         self._batches_to_skip = int(checkpoint.get("batch_in_epoch", 0))
         self._batch_in_epoch = self._batches_to_skip
         states = checkpoint.get("rng_states") or []
