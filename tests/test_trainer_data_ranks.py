@@ -138,6 +138,11 @@ def _scenarios(rank, world, call_log):
     out["uneven_lengths"] = _error_of(lambda: quiet(max_epochs=1, use_distributed_sampler=False).fit(
         IndexRecorder(), DataLoader(own, batch_size=4)))
     out["ran_dry"] = _error_of(lambda: quiet(max_steps=5).fit(IndexRecorder(), RankBatches(rank, (3, 2))))
+    #    A list of batches is known in full: compared once, before the first step.
+    listed = [(torch.arange(4), torch.randn(4, 3)) for _ in range(2)] + [(torch.arange(4 - rank), torch.randn(4 - rank, 3))]
+    model = IndexRecorder()
+    out["listed"] = _error_of(lambda: quiet(max_epochs=1).fit(model, listed))
+    out["listed_steps_taken"] = model.seen
     return out
 
 
@@ -199,4 +204,6 @@ def test_unequal_batches_are_one_clear_error_on_every_rank(rank_results):
         assert "rank 0: 4, rank 1: 3" in message and "drop_last=True" in message
         assert "rank 0: 3, rank 1: 2" in r["uneven_lengths"] and "different numbers of batches" in r["uneven_lengths"]
         assert "some ranks ran out of training batches" in r["ran_dry"] and "rank 1: no batch" in r["ran_dry"]
+        assert "differ in size at batch 2 of the training list (rank 0: 4, rank 1: 3)" in r["listed"], r["listed"]
+        assert r["listed_steps_taken"] == {}  # refused before the first step
     assert results[0]["uneven_last_batch"] == results[1]["uneven_last_batch"]  # the same decision everywhere

@@ -32,8 +32,11 @@ fix. ``Trainer(use_distributed_sampler=False)`` turns all of this off.
 
 Equal per-rank batches are what every global loss assumes (each rank's rows are a
 ``rank_offset(b)`` slice of the gather). Where they hold by construction (our stream, a loader
-re-created here with a fixed batch size and the default collate) nothing is checked; elsewhere
-``lockstep_batches`` gathers each step's per-rank size before the step runs.
+re-created here with a fixed batch size and the default collate) nothing is checked; a list of
+batches is checked once when ``fit`` starts (``check_listed_batches``: every batch is known);
+anything else is checked every step by ``lockstep_batches``, which gathers the per-rank sizes
+before the step runs. Not under XLA: there a per-step host read would split the compiled step
+program, which is compiled for one batch shape anyway; feed XLA our stream or equal batches.
 """
 
 from __future__ import annotations
@@ -178,6 +181,17 @@ def equal_batches_by_construction(loader: Any, world_size: int) -> bool:
         isinstance(sampler, RankShareSampler) and not isinstance(sampler, RankShareBatchSampler) and sampler.even
     )
     return (equal_shares and type(loader.batch_sampler) is BatchSampler and loader.collate_fn is default_collate)
+
+
+def check_listed_batches(sizes_by_rank: list[list[int]]) -> None:
+    """A list of batches on every rank: raise ``UnequalBatchesError`` unless every rank holds the
+    same number of batches with the same sizes (``sizes_by_rank[r]``: rank r's batch sizes)."""
+    lengths = [len(sizes) for sizes in sizes_by_rank]
+    if len(set(lengths)) > 1:
+        raise UnequalBatchesError(_unequal_lengths_message(lengths))
+    for index, sizes in enumerate(zip(*sizes_by_rank)):
+        if len(set(sizes)) > 1:
+            raise UnequalBatchesError(_unequal_message(list(sizes), f"batch {index} of the training list"))
 
 
 def set_loader_epoch(loader: Any, epoch: int) -> None:

@@ -34,6 +34,7 @@ from scale_ssl.trainer.data_distribution import (
     EVAL,
     TRAIN,
     batch_size_of,
+    check_listed_batches,
     distribute_loader,
     equal_batches_by_construction,
     lockstep_batches,
@@ -478,8 +479,18 @@ class Trainer:
             else:
                 loader = self.module.train_dataloader()
             self.train_dataloader = self._distribute(loader, TRAIN, "the training loader")
-            self._equal_batches = equal_batches_by_construction(self.train_dataloader, self.world_size)
+            self._equal_batches = self._batches_known_equal(self.train_dataloader)
         return self.train_dataloader
+
+    def _batches_known_equal(self, loader) -> bool:
+        """Whether every rank's batches are known to be equal in size without a per-step check:
+        by construction, or, for a list of batches, by one comparison of all sizes now."""
+        if equal_batches_by_construction(loader, self.world_size):
+            return True
+        if isinstance(loader, (list, tuple)):
+            check_listed_batches(self.strategy.all_gather_object([batch_size_of(b) for b in loader]))
+            return True
+        return False
 
     def _distribute(self, loader, stage: str, what: str):
         if loader is None or not self.use_distributed_sampler:
@@ -558,7 +569,7 @@ class Trainer:
             start, skip = skip, 0
         exhausted, batch_idx = True, -1
         batches = self.strategy.device_batches(loader)
-        if not self._equal_batches:
+        if not self._equal_batches and not self.strategy.host_reads_split_the_step:
             # Equal per-rank batches are not guaranteed by how this loader is built: every rank
             # learns every rank's batch size before the step (one small all-gather per step).
             batches = lockstep_batches(batches, self.strategy.collective, self.strategy.root_device, num_batches,
