@@ -16,7 +16,9 @@ Under a multi-rank strategy a map-style ``DataLoader`` is re-created with the sa
   augmented, is a false negative.
 * **evaluation** (validate, test, predict): dealt the same way but nothing is cut and nothing
   repeated: ranks' shares differ by at most one sample, so metrics summed over ranks (counts
-  and sums, see ``metrics.py``) count every sample exactly once.
+  and sums, see ``metrics.py``) count every sample exactly once. A rank may then run one batch
+  more than another, so a ``validation_step``/``test_step`` must not call collectives; reduce
+  in the epoch-end hooks instead (as ``EncoderClassifier`` and the kNN callback do).
 * a user's own **sampler** (``WeightedRandomSampler``, a curriculum, ...) keeps deciding the
   order: each epoch every rank runs it under the same seeded RNG (forked, the caller's RNG is
   left alone) and takes its share of the indices it yields, as above. A sampler with its own
@@ -176,8 +178,8 @@ def equal_batches_by_construction(loader: Any, world_size: int) -> bool:
         return True
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return False
-    sampler = loader.sampler
-    equal_shares = (isinstance(sampler, DistributedSampler) and sampler.drop_last) or (
+    sampler = loader.sampler  # a DistributedSampler pads or cuts to equal shares
+    equal_shares = isinstance(sampler, DistributedSampler) or (
         isinstance(sampler, RankShareSampler) and not isinstance(sampler, RankShareBatchSampler) and sampler.even
     )
     return (equal_shares and type(loader.batch_sampler) is BatchSampler and loader.collate_fn is default_collate)
