@@ -47,7 +47,7 @@ class DeepSpeedStrategy(DDPStrategy):
     def __init__(self, accelerator: str = "auto", zero_stage: int = 2, offload_optimizer: bool = False,
                  offload_parameters: bool = False, config: dict | str | None = None, micro_batch_size: int | None = None,
                  timeout_s: float = 1800.0):
-        super().__init__(accelerator=accelerator, timeout_s=timeout_s)
+        super().__init__(accelerator=accelerator, timeout_s=timeout_s, sync_batchnorm=False)  # no global BN here (yet)
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         if offload_parameters and zero_stage != 3:
