@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import tempfile
 import traceback
 
@@ -45,17 +44,20 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"rank{rank}.pt"))
         raise
     finally:
-        import torch.distributed as dist
+        _destroy_group_made_by_the_test()
+    # The rank then leaves through the interpreter's normal exit, like a user's script: a process
+    # group a strategy created is destroyed by the package's own exit hook (strategies/ddp.py).
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    # The rank's work is done and its result is on disk. Leave without the interpreter's shutdown:
-    # on this machine a spawned gloo rank aborted there now and then ("terminate called without an
-    # active exception", no Python frame left: C++ teardown after Python finished), which failed
-    # tests whose ranks had all computed and saved correct results. Not root-caused; see the notes.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+
+def _destroy_group_made_by_the_test() -> None:
+    """A group ``fn`` created itself with ``init_process_group`` is the test's to destroy; one a
+    strategy created is left to the package, whose clean exit is what the tests check."""
+    import torch.distributed as dist
+
+    from scale_ssl.strategies.ddp import destroy_process_group_and_threads, strategy_created_the_group
+
+    if dist.is_initialized() and not strategy_created_the_group():
+        destroy_process_group_and_threads()
 
 
 def run_on_ranks(fn, world_size: int, *args) -> list:

@@ -40,7 +40,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
-        x = input.float()
+        x = input if input.dtype == torch.float64 else input.float()  # statistics in fp32 at least
         count = x.numel() // channels
         local_mean = x.mean(dim=dims)
         shape = [1, channels] + [1] * (input.dim() - 2)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
 from torch import nn
 
-from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
+from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file, weights_only_loads
 from scale_ssl.strategies.ddp import DDPStrategy
 
 CHECKPOINT_TAG = "state"
@@ -46,7 +47,7 @@ class DeepSpeedStrategy(DDPStrategy):
     def __init__(self, accelerator: str = "auto", zero_stage: int = 2, offload_optimizer: bool = False,
                  offload_parameters: bool = False, config: dict | str | None = None, micro_batch_size: int | None = None,
                  timeout_s: float = 1800.0):
-        super().__init__(accelerator=accelerator, timeout_s=timeout_s)
+        super().__init__(accelerator=accelerator, timeout_s=timeout_s, sync_batchnorm=False)  # no global BN here (yet)
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         if offload_parameters and zero_stage != 3:
@@ -171,8 +172,9 @@ class DeepSpeedStrategy(DDPStrategy):
                 f"strategy=deepspeed resumes from a DeepSpeed checkpoint directory; {path!r} is not one "
                 "(a plain .ckpt file can be loaded with trainer.strategy=single/ddp)"
             )
-        _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+        with weights_only_loads(deepspeed_checkpoint_types()):  # as every checkpoint read (checkpoint_io.py)
+            _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
         if client is None:
             raise ValueError(f"{path!r} holds no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
         client["state_dict"] = None  # the engine has loaded the weights (sharded under ZeRO-3)
@@ -208,11 +210,18 @@ def read_deepspeed_checkpoint(checkpoint_dir: str) -> dict:
     model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))
     if not model_states:
         raise ValueError(f"DeepSpeed checkpoint {checkpoint_dir!r} has no *model_states.pt in {CHECKPOINT_TAG}/: it is incomplete")
-    weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    # Every file, DeepSpeed's shards included, is read with weights_only=True (checkpoint_io.py).
+    try:
+        with weights_only_loads(deepspeed_checkpoint_types()):
+            weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+            client = torch.load(os.path.join(tag_dir, model_states[0]), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"DeepSpeed checkpoint {checkpoint_dir!r} holds objects other than tensors, plain data and DeepSpeed's "
+            f"own data classes; it is refused rather than unpickled ({str(err).strip().splitlines()[0][:200]})"
+        ) from None
     # The engine wrapped the trainer's step adapter, whose child is the module.
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
-    # Our own checkpoint directory: the client state holds plain types and tensors only.
-    client = torch.load(os.path.join(tag_dir, model_states[0]), map_location="cpu", weights_only=False)
     ours = {k: v for k, v in client.items() if k in _CLIENT_KEYS}
     ours.update({"format_version": CHECKPOINT_FORMAT_VERSION, "state_dict": state_dict, "optimizer_states": [],
                  "lr_scheduler_states": []})
@@ -225,6 +234,17 @@ def consolidate_checkpoint(checkpoint_dir: str, out_path: str) -> str:
     DeepSpeed installed (see :func:`read_deepspeed_checkpoint`)."""
     save_checkpoint_file(read_deepspeed_checkpoint(checkpoint_dir), out_path)
     return out_path
+
+
+def deepspeed_checkpoint_types() -> tuple:
+    """The classes DeepSpeed pickles into a checkpoint's shards besides tensors and plain types
+    (found by loading stage 0-3, fp32 and bf16 checkpoints with ``weights_only=True``): plain data,
+    rebuilt from their fields, with no code of the file's choosing run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, ZeroStageEnum, fragment_address)
 
 
 _CLIENT_KEYS = ("module_class", "hyper_parameters", "global_step", "epoch", "batch_in_epoch", "world_size",

@@ -36,6 +36,7 @@ class SSLModule(nn.Module):
         self.automatic_optimization = True
         self._metrics = LoggedMetrics()
         self._stage = "train"
+        self._batch_size_hint = 1  # samples in the batch being stepped (set by the trainer)
 
     # -- hyper-parameters and checkpoints --------------------------------------------------
     def save_hyperparameters(self, *, ignore: tuple[str, ...] = ()) -> None:
@@ -124,7 +125,8 @@ class SSLModule(nn.Module):
     ) -> None:
         """Record a metric. Values stay on the device (no host sync); the trainer reduces
         (``sync_dist``: mean over ranks) and fetches them only at logging intervals / epoch end.
-        Defaults: per step in training, per epoch (batch-size-weighted mean) in validation/test."""
+        Defaults: per step in training, per epoch (batch-size-weighted mean) in validation/test;
+        ``batch_size`` defaults to the current batch's (the length of its first tensor)."""
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
         training = self._stage == "train"
@@ -135,7 +137,7 @@ class SSLModule(nn.Module):
             on_epoch=(not training) if on_epoch is None else on_epoch,
             sync_dist=sync_dist,
         )
-        self._metrics.add(name, value, options, batch_size if batch_size is not None else 1)
+        self._metrics.add(name, value, options, batch_size if batch_size is not None else self._batch_size_hint)
 
     def log_dict(self, metrics: dict, **kwargs: Any) -> None:
         for name, value in metrics.items():
