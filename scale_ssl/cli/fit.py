@@ -21,7 +21,7 @@ from scale_ssl.trainer.seed import seed_everything
 def build_strategy_from_config(config: DictConfig):
     t = config.trainer
     options = {"accelerator": t.accelerator}
-    if t.strategy in ("ddp", "xla"):  # both convert BN to global-batch statistics
+    if t.strategy in ("ddp", "xla", "dp", "deepspeed"):  # each converts BN to global-batch statistics
         options["sync_batchnorm"] = t.sync_batchnorm
     if t.strategy == "ddp":
         options["timeout_s"] = t.collective_timeout_s
@@ -35,8 +35,10 @@ def build_strategy_from_config(config: DictConfig):
     elif t.strategy == "deepspeed":
         options.update(zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                        offload_parameters=t.offload_parameters, config=t.deepspeed_config)
-    if t.sync_batchnorm and t.strategy not in ("ddp", "xla"):
-        raise ConfigError(f"trainer.sync_batchnorm=true needs trainer.strategy=ddp or xla (got {t.strategy!r})")
+    if t.sync_batchnorm and t.strategy not in ("ddp", "xla", "dp", "deepspeed"):
+        raise ConfigError(
+            f"trainer.sync_batchnorm=true needs a multi-rank strategy (ddp, dp, deepspeed or xla), got {t.strategy!r}"
+        )
     return build_strategy(t.strategy, **options)
 
 

@@ -9,13 +9,17 @@ arXiv:2006.07733, sec. 3.2) raises it from tau_0 to 1 over training with a cosin
 
 Only parameters move; the target's BatchNorm statistics follow its own forward passes, as in
 both papers' code. Methods call this from ``on_train_batch_end``, which the trainer runs after the
-optimizer step on every rank, so the targets stay identical across ranks under any strategy.
+optimizer step on every rank, so the targets stay identical across ranks under any strategy. The
+target is kept and updated in fp32 on full values whatever the engine's precision or sharding
+: methods list it in ``ema_target_modules()`` (DeepSpeed then leaves it out
+of its engine) and pass the online network's ``master_weights``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -30,13 +34,32 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """theta_target <- tau * theta_target + (1 - tau) * theta_online, parameter by parameter."""
+def ema_update_(target: nn.Module, online: nn.Module | Sequence[torch.Tensor], tau: float) -> None:
+    """theta_target <- tau * theta_target + (1 - tau) * theta_online, parameter by parameter.
+
+    ``online`` is the online module, or the full fp32 values of its parameters in
+    ``parameters()`` order: methods pass ``self.master_weights(online.parameters())``, which under
+    DeepSpeed are the optimizer's fp32 master weights rather than the module's bf16 copy (or its
+    empty ZeRO-3 shards). The target must be fp32: at tau = 0.999 a bf16 target
+    would round most updates away (bf16 keeps 8 significant bits; (1 - tau) * difference falls
+    below half an ulp of most entries)."""
     target_params = list(target.parameters())
-    online_params = list(online.parameters())
-    if len(target_params) != len(online_params):
+    online_values = [p.detach() for p in online.parameters()] if isinstance(online, nn.Module) else list(online)
+    if len(target_params) != len(online_values):
         raise ValueError("ema_update_: target and online networks must have the same parameters")
-    torch._foreach_lerp_(target_params, [p.detach() for p in online_params], 1.0 - tau)
+    low = sorted({str(p.dtype) for p in target_params if p.dtype not in (torch.float32, torch.float64)})
+    if low:
+        raise ValueError(
+            f"ema_update_: the EMA target holds {', '.join(low)} parameters; it must stay fp32 whatever the "
+            "run's precision (list it in the module's ema_target_modules() so the strategy leaves it in fp32)"
+        )
+    for p, value in zip(target_params, online_values):
+        if p.shape != value.shape:
+            raise ValueError(
+                f"ema_update_: target parameter of shape {tuple(p.shape)} vs online value {tuple(value.shape)}: "
+                "pass full (unsharded) online values, e.g. module.master_weights(online.parameters())"
+            )
+    torch._foreach_lerp_(target_params, [v.to(p.dtype) for p, v in zip(target_params, online_values)], 1.0 - tau)
 
 
 def cosine_tau(step: int, total_steps: int, initial_tau: float) -> float:

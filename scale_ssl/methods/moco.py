@@ -165,8 +165,12 @@ class MoCoV2(SSLModule):
         if self.global_step != self._ema_step:
             self._ema_step = self.global_step
             m = self.hparams["encoder_momentum"]
-            ema_update_(self.momentum_encoder, self.encoder, m)
-            ema_update_(self.momentum_projection, self.projection, m)
+            # The optimizer's fp32 weights (DeepSpeed: its master copy, not the bf16 module).
+            ema_update_(self.momentum_encoder, self.master_weights(self.encoder.parameters()), m)
+            ema_update_(self.momentum_projection, self.master_weights(self.projection.parameters()), m)
+
+    def ema_target_modules(self) -> list:
+        return [self.momentum_encoder, self.momentum_projection]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Identical on every rank (every rank enqueues the same global keys): stored once.

@@ -14,6 +14,21 @@ Gathers for global losses use our ``TorchDistributedCollective`` on the same pro
 On a machine without GPUs DeepSpeed picks its CPU accelerator (gloo): fp32 and bf16 work, fp16
 does not. Pass a torch optimizer (as ``configure_optimizers`` does) so DeepSpeed does not compile
 its own CPU Adam.
+
+What N ranks must share with one process, and how it is kept here:
+
+* Global BatchNorm (``sync_batchnorm``): every BatchNorm layer becomes our ``GlobalBatchNorm``
+  (statistics of the global batch, computed in fp32 whatever the engine's dtype).
+* The optimizer steps fp32 master copies flattened (and from stage 1 partitioned) by DeepSpeed:
+  ``ZeroMasterWeights`` maps them, so reads and writes of weights outside forward
+  (``master_parameters`` / ``write_master_parameters``: EMA, SwAV's prototype normalisation), a
+  parameter held out of a step (``skip_update``: SwAV's prototype freeze, bitwise), and LARS's
+  per-parameter trust ratio (norms summed over a parameter's pieces across partitions) all act
+  on what the optimizer really holds.
+* EMA targets (``module.ema_target_modules()``: BYOL's target, MoCo's momentum encoder) are kept
+  out of the engine: never cast to bf16, never partitioned by ZeRO-3, updated in fp32 from the
+  fp32 masters; under bf16 their forward runs under autocast, as with ``precision=bf16-mixed``
+  elsewhere.
 """
 
 from __future__ import annotations
@@ -25,8 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
 from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
 from scale_ssl.strategies.ddp import DDPStrategy
+from scale_ssl.strategies.zero_masters import ZeroMasterWeights
 
 CHECKPOINT_TAG = "state"
 
@@ -39,14 +56,16 @@ class DeepSpeedStrategy(DDPStrategy):
         config: a DeepSpeed config (dict or path to JSON) to start from; our trainer settings
             fill what it leaves out and must agree with what it sets.
         micro_batch_size: per-device batch (the CLI passes the one derived from the global batch).
+        sync_batchnorm: normalise with global-batch statistics (``GlobalBatchNorm``), as
+            ``strategy=ddp`` does; False keeps per-device statistics.
     """
 
     name = "deepspeed"
 
     def __init__(self, accelerator: str = "auto", zero_stage: int = 2, offload_optimizer: bool = False,
                  offload_parameters: bool = False, config: dict | str | None = None, micro_batch_size: int | None = None,
-                 timeout_s: float = 1800.0):
-        super().__init__(accelerator=accelerator, timeout_s=timeout_s)
+                 timeout_s: float = 1800.0, sync_batchnorm: bool = False):
+        super().__init__(accelerator=accelerator, timeout_s=timeout_s, sync_batchnorm=sync_batchnorm)
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         if offload_parameters and zero_stage != 3:
@@ -61,6 +80,9 @@ class DeepSpeedStrategy(DDPStrategy):
         self.engine = None
         self.trainer = None
         self.bf16 = False
+        self.masters: ZeroMasterWeights | None = None
+        self.ema_targets: list[nn.Module] = []
+        self._held: dict[int, nn.Parameter] = {}
 
     # -- set-up ----------------------------------------------------------------------------
     def setup_environment(self) -> None:
@@ -68,7 +90,10 @@ class DeepSpeedStrategy(DDPStrategy):
         super().setup_environment()  # torchrun/SLURM env -> process group (gloo on CPU)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        # The engine wraps model and optimizer together: it is built in connect_optimizers.
+        # The engine wraps model and optimizer together: it is built in connect_optimizers. Our
+        # GlobalBatchNorm on any device: it computes in fp32 whatever the engine's dtype.
+        if self.sync_batchnorm and self.world_size > 1:
+            module = convert_to_global_batchnorm(module, self.collective)
         return module.to(self.root_device)
 
     def connect_optimizers(self, wrapped: nn.Module, optimizers: list):
@@ -80,16 +105,30 @@ class DeepSpeedStrategy(DDPStrategy):
             )
         config = self.build_config()
         self.bf16 = bool(config.get("bf16", {}).get("enabled"))
-        engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizers[0], config=config,
-                                               dist_init_required=False)
-        if self.bf16:
-            # The engine casts parameters, not buffers; BatchNorm's kernel wants its running
-            # statistics in the input's dtype.
-            for buffer in wrapped.buffers():
-                if buffer.is_floating_point():
-                    buffer.data = buffer.data.to(torch.bfloat16)
+        module = getattr(wrapped, "module", wrapped)
+        self.ema_targets = list(module.ema_target_modules()) if hasattr(module, "ema_target_modules") else []
+        # EMA targets stay out of the engine: no bf16 cast, no ZeRO-3 partitioning, no hooks.
+        with _detached(wrapped, self.ema_targets):
+            engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizers[0], config=config,
+                                                   dist_init_required=False)
+            if self.bf16:
+                # The engine casts parameters, not buffers; BatchNorm's kernel wants its running
+                # statistics in the dtype of its (bf16) weights.
+                for buffer in wrapped.buffers():
+                    if buffer.is_floating_point():
+                        buffer.data = buffer.data.to(torch.bfloat16)
+        for target in self.ema_targets:
+            for tensor in list(target.parameters()) + list(target.buffers()):
+                tensor.data.copy_(self.collective.broadcast(tensor.data, src=0))  # as DDP does at start
+            if self.bf16:
+                _run_under_autocast(target, self.root_device.type, torch.bfloat16)
         self.engine = engine
+        self._map_masters()
         return engine, optimizers
+
+    def _map_masters(self) -> None:
+        self.masters = ZeroMasterWeights(self.engine, lambda t: self.collective.all_reduce(t, op="sum"))
+        self.masters.configure_lars()
 
     def build_config(self) -> dict:
         """Our settings as a DeepSpeed config, merged with (and checked against) the user's."""
@@ -148,7 +187,26 @@ class DeepSpeedStrategy(DDPStrategy):
     def optimizer_step(self, optimizer, closure=None):
         if closure is not None:
             raise ValueError("strategy=deepspeed does not run closure-based optimizers (LBFGS)")
+        held = self.masters.hold(list(self._held.values())) if self._held else None
+        self._held = {}
         self.engine.step()
+        if held is not None:
+            self.masters.restore(held)
+
+    # -- the optimizer's weights -----------------------------------------------------------
+    def master_parameters(self, params):
+        return self.masters.full(list(params)) if self.masters is not None else super().master_parameters(params)
+
+    def write_master_parameters(self, params, values) -> None:
+        if self.masters is None:
+            return super().write_master_parameters(params, values)
+        self.masters.write(list(params), list(values))
+
+    def skip_update(self, params) -> None:
+        if self.masters is None or self.masters.kind == "module":
+            return super().skip_update(params)  # stage 0 fp32: the torch optimizer skips grad=None
+        self.masters.check_can_hold()
+        self._held.update({id(p): p for p in params})
 
     def clip_gradients(self, optimizer, value: float, algorithm: str) -> None:
         """Done by the engine (``gradient_clipping`` in its config) on the partitioned gradients."""
@@ -175,6 +233,7 @@ class DeepSpeedStrategy(DDPStrategy):
                                                 load_lr_scheduler_states=False)
         if client is None:
             raise ValueError(f"{path!r} holds no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
+        self._map_masters()  # loading may have re-created the flat partitions
         client["state_dict"] = None  # the engine has loaded the weights (sharded under ZeRO-3)
         client["optimizer_states"] = []
         return client
@@ -259,6 +318,50 @@ def _merge_checked(user: dict, ours: dict, prefix: str = "") -> dict:
                 "change one of them (scale_ssl derives batch sizes, accumulation, clipping and precision from its own config)"
             )
     return merged
+
+
+class _detached:
+    """Take ``children`` out of ``root``'s module tree for the duration (their slots hold None,
+    so the tree's order is kept), so an engine built meanwhile does not see them."""
+
+    def __init__(self, root: nn.Module, children: list[nn.Module]):
+        self.slots = []
+        wanted = {id(c) for c in children}
+        for parent in root.modules():
+            for name, child in parent._modules.items():
+                if child is not None and id(child) in wanted:
+                    self.slots.append((parent, name, child))
+        missing = wanted - {id(c) for _, _, c in self.slots}
+        if missing:
+            raise ValueError("ema_target_modules() returned a module that is not a submodule of the method")
+
+    def __enter__(self):
+        for parent, name, _ in self.slots:
+            parent._modules[name] = None
+        return self
+
+    def __exit__(self, *exc):
+        for parent, name, child in self.slots:
+            parent._modules[name] = child
+        return False
+
+
+def _run_under_autocast(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Run ``module``'s forward under ``torch.autocast`` (fp32 weights, low-precision compute),
+    as the rest of a ``bf16-mixed`` run does elsewhere; its inputs may be the engine's bf16."""
+    active = []
+
+    def enter(_module, _args):
+        context = torch.autocast(device_type=device_type, dtype=dtype)
+        context.__enter__()
+        active.append(context)
+
+    def leave(_module, _args, _output):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
 
 
 def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
