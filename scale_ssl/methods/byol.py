@@ -24,7 +24,7 @@ import torch
 
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import BYOLLoss
-from scale_ssl.methods.ema import cosine_tau, ema_update_, frozen_copy
+from scale_ssl.methods.ema import cosine_tau, ema_step, frozen_copy
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import ProjectionHead, build_resnet_encoder
 from scale_ssl.trainer import SSLModule
@@ -129,9 +129,9 @@ class BYOL(SSLModule):
         if self.global_step != self._ema_step:
             self._ema_step = self.global_step
             self.current_tau = self.tau_for_step(self.global_step - 1)
-            # The optimizer's fp32 weights (DeepSpeed: its master copy, not the bf16 module).
-            ema_update_(self.target_encoder, self.master_weights(self.encoder.parameters()), self.current_tau)
-            ema_update_(self.target_projector, self.master_weights(self.projector.parameters()), self.current_tau)
+            # On the fp32 values (DeepSpeed: the master copy and the target's fp32 copy).
+            ema_step(self, self.target_encoder, self.encoder, self.current_tau)
+            ema_step(self, self.target_projector, self.projector, self.current_tau)
 
     def ema_target_modules(self) -> list:
         return [self.target_encoder, self.target_projector]

@@ -11,8 +11,8 @@ Only parameters move; the target's BatchNorm statistics follow its own forward p
 both papers' code. Methods call this from ``on_train_batch_end``, which the trainer runs after the
 optimizer step on every rank, so the targets stay identical across ranks under any strategy. The
 target is kept and updated in fp32 on full values whatever the engine's precision or sharding
-: methods list it in ``ema_target_modules()`` (DeepSpeed then leaves it out
-of its engine) and pass the online network's ``master_weights``.
+: methods list it in ``ema_target_modules()`` and update it with ``ema_step``, which reads the
+online network's optimizer (master) weights and the target's fp32 copy through the module.
 """
 
 from __future__ import annotations
@@ -34,32 +34,40 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update_(target: nn.Module, online: nn.Module | Sequence[torch.Tensor], tau: float) -> None:
-    """theta_target <- tau * theta_target + (1 - tau) * theta_online, parameter by parameter.
+def ema_update_(target: nn.Module | Sequence[torch.Tensor], online: nn.Module | Sequence[torch.Tensor], tau: float) -> None:
+    """theta_target <- tau * theta_target + (1 - tau) * theta_online, in place, tensor by tensor.
 
-    ``online`` is the online module, or the full fp32 values of its parameters in
-    ``parameters()`` order: methods pass ``self.master_weights(online.parameters())``, which under
-    DeepSpeed are the optimizer's fp32 master weights rather than the module's bf16 copy (or its
-    empty ZeRO-3 shards). The target must be fp32: at tau = 0.999 a bf16 target
-    would round most updates away (bf16 keeps 8 significant bits; (1 - tau) * difference falls
-    below half an ulp of most entries)."""
-    target_params = list(target.parameters())
-    online_values = [p.detach() for p in online.parameters()] if isinstance(online, nn.Module) else list(online)
-    if len(target_params) != len(online_values):
+    Either argument is a module or its parameter values in ``parameters()`` order. The target
+    must be fp32: at tau = 0.999 a bf16 target would round most updates away (bf16 keeps 8
+    significant bits; (1 - tau) * difference falls below half an ulp of most entries)."""
+    targets = list(target.parameters()) if isinstance(target, nn.Module) else list(target)
+    values = [p.detach() for p in online.parameters()] if isinstance(online, nn.Module) else list(online)
+    if len(targets) != len(values):
         raise ValueError("ema_update_: target and online networks must have the same parameters")
-    low = sorted({str(p.dtype) for p in target_params if p.dtype not in (torch.float32, torch.float64)})
+    low = sorted({str(t.dtype) for t in targets if t.dtype not in (torch.float32, torch.float64)})
     if low:
         raise ValueError(
-            f"ema_update_: the EMA target holds {', '.join(low)} parameters; it must stay fp32 whatever the "
-            "run's precision (list it in the module's ema_target_modules() so the strategy leaves it in fp32)"
+            f"ema_update_: the EMA target holds {', '.join(low)} values; it must stay fp32 whatever the run's "
+            "precision (list it in the module's ema_target_modules() so the strategy keeps an fp32 copy)"
         )
-    for p, value in zip(target_params, online_values):
-        if p.shape != value.shape:
+    for t, value in zip(targets, values):
+        if t.shape != value.shape:
             raise ValueError(
-                f"ema_update_: target parameter of shape {tuple(p.shape)} vs online value {tuple(value.shape)}: "
-                "pass full (unsharded) online values, e.g. module.master_weights(online.parameters())"
+                f"ema_update_: target of shape {tuple(t.shape)} vs online value {tuple(value.shape)}: pass full "
+                "(unsharded) values, e.g. module.master_weights(online.parameters())"
             )
-    torch._foreach_lerp_(target_params, [v.to(p.dtype) for p, v in zip(target_params, online_values)], 1.0 - tau)
+    torch._foreach_lerp_(targets, [v.to(t.dtype) for t, v in zip(targets, values)], 1.0 - tau)
+
+
+@torch.no_grad()
+def ema_step(module, target: nn.Module, online: nn.Module, tau: float) -> None:
+    """``module``'s EMA update of ``target`` toward ``online``, on the fp32 values the strategy
+    keeps: the online network's optimizer (master) weights, the target's fp32 copy (under
+    DeepSpeed held beside the engine, which only has a bf16 or sharded working copy); the new
+    target is then written back where the forward pass reads it."""
+    targets = module.master_weights(target.parameters())
+    ema_update_(targets, module.master_weights(online.parameters()), tau)
+    module.set_master_weights(target.parameters(), targets)
 
 
 def cosine_tau(step: int, total_steps: int, initial_tau: float) -> float:

@@ -102,7 +102,8 @@ class Strategy(ABC):
         forward pass read them."""
         with torch.no_grad():
             for p, value in zip(params, values):
-                p.copy_(value.to(p.dtype))
+                if value.data_ptr() != p.data_ptr():  # not the view master_parameters returned
+                    p.copy_(value.to(p.dtype))
 
     def skip_update(self, params: Sequence[nn.Parameter]) -> None:
         """No change to ``params`` at the coming optimizer step: no gradient step, no weight
@@ -122,6 +123,10 @@ class Strategy(ABC):
     def autocast_enabled(self) -> bool:
         """False where the engine runs mixed precision itself (DeepSpeed)."""
         return True
+
+    def optimizer_state_dicts(self, optimizers: list) -> list:
+        """What a checkpoint stores of the optimizers (DeepSpeed saves its partitioned state itself)."""
+        return [opt.state_dict() for opt in optimizers]
 
     def load_optimizer_states(self, optimizers: list, states: list) -> None:
         if len(states) != len(optimizers):

@@ -25,10 +25,10 @@ What N ranks must share with one process, and how it is kept here:
   parameter held out of a step (``skip_update``: SwAV's prototype freeze, bitwise), and LARS's
   per-parameter trust ratio (norms summed over a parameter's pieces across partitions) all act
   on what the optimizer really holds.
-* EMA targets (``module.ema_target_modules()``: BYOL's target, MoCo's momentum encoder) are kept
-  out of the engine: never cast to bf16, never partitioned by ZeRO-3, updated in fp32 from the
-  fp32 masters; under bf16 their forward runs under autocast, as with ``precision=bf16-mixed``
-  elsewhere.
+* EMA targets (``module.ema_target_modules()``: BYOL's target, MoCo's momentum encoder) are held
+  whole in fp32 beside the engine and updated there from the online network's fp32 masters; the
+  module keeps a working copy like every other parameter (bf16 under bf16, a shard under ZeRO-3)
+  that each update rewrites, and checkpoints carry the fp32 values.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from scale_ssl.strategies.ddp import DDPStrategy
 from scale_ssl.strategies.zero_masters import ZeroMasterWeights
 
 CHECKPOINT_TAG = "state"
+EMA_TARGETS_KEY = "ema_targets_fp32"
 
 
 class DeepSpeedStrategy(DDPStrategy):
@@ -81,7 +82,7 @@ class DeepSpeedStrategy(DDPStrategy):
         self.trainer = None
         self.bf16 = False
         self.masters: ZeroMasterWeights | None = None
-        self.ema_targets: list[nn.Module] = []
+        self._ema_params: dict[str, nn.Parameter] = {}
         self._held: dict[int, nn.Parameter] = {}
 
     # -- set-up ----------------------------------------------------------------------------
@@ -106,29 +107,27 @@ class DeepSpeedStrategy(DDPStrategy):
         config = self.build_config()
         self.bf16 = bool(config.get("bf16", {}).get("enabled"))
         module = getattr(wrapped, "module", wrapped)
-        self.ema_targets = list(module.ema_target_modules()) if hasattr(module, "ema_target_modules") else []
-        # EMA targets stay out of the engine: no bf16 cast, no ZeRO-3 partitioning, no hooks.
-        with _detached(wrapped, self.ema_targets):
-            engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizers[0], config=config,
-                                                   dist_init_required=False)
-            if self.bf16:
-                # The engine casts parameters, not buffers; BatchNorm's kernel wants its running
-                # statistics in the dtype of its (bf16) weights.
-                for buffer in wrapped.buffers():
-                    if buffer.is_floating_point():
-                        buffer.data = buffer.data.to(torch.bfloat16)
-        for target in self.ema_targets:
-            for tensor in list(target.parameters()) + list(target.buffers()):
-                tensor.data.copy_(self.collective.broadcast(tensor.data, src=0))  # as DDP does at start
-            if self.bf16:
-                _run_under_autocast(target, self.root_device.type, torch.bfloat16)
+        # EMA targets: their fp32 values, whole, taken before the engine casts or partitions them.
+        targets = list(module.ema_target_modules()) if hasattr(module, "ema_target_modules") else []
+        names = {id(p): n for n, p in module.named_parameters()}
+        self._ema_params = {names[id(p)]: p for target in targets for p in target.parameters()}
+        ema_fp32 = {n: self.collective.broadcast(p.detach().float().clone(), src=0) for n, p in self._ema_params.items()}
+        engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizers[0], config=config,
+                                               dist_init_required=False)
+        if self.bf16:
+            # The engine casts parameters, not buffers; BatchNorm's kernel wants its running
+            # statistics in the dtype of its (bf16) weights.
+            for buffer in wrapped.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(torch.bfloat16)
         self.engine = engine
-        self._map_masters()
+        self._map_masters(ema_fp32)
         return engine, optimizers
 
-    def _map_masters(self) -> None:
+    def _map_masters(self, ema_fp32: dict[str, torch.Tensor]) -> None:
         self.masters = ZeroMasterWeights(self.engine, lambda t: self.collective.all_reduce(t, op="sum"))
         self.masters.configure_lars()
+        self.masters.keep_fp32([self._ema_params[n] for n in ema_fp32], list(ema_fp32.values()))
 
     def build_config(self) -> dict:
         """Our settings as a DeepSpeed config, merged with (and checked against) the user's."""
@@ -156,8 +155,9 @@ class DeepSpeedStrategy(DDPStrategy):
             # Any torch optimizer from configure_optimizers (SGD, LARS, ...), not only DeepSpeed's own.
             "zero_allow_untested_optimizer": True,
         }
-        if clip is not None:
-            ours["gradient_clipping"] = float(clip)
+        # Always set: DeepSpeed's own default clips every step at global norm 1.0, which no other
+        # strategy does (a silent difference from one process; found by the equivalence matrix).
+        ours["gradient_clipping"] = float(clip) if clip is not None else 0.0
         if precision == "bf16-mixed":
             ours["bf16"] = {"enabled": True}
         elif precision == "16-mixed":
@@ -220,6 +220,9 @@ class DeepSpeedStrategy(DDPStrategy):
         """A DeepSpeed checkpoint directory at ``path``; every rank writes its shards."""
         client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         client["deepspeed"] = {"zero_stage": self.zero_stage, "world_size": self.world_size}
+        if self._ema_params:  # the engine saves their bf16 / partitioned working copies only
+            values = self.masters.full(list(self._ema_params.values()))
+            client[EMA_TARGETS_KEY] = {n: v.detach().cpu().clone() for n, v in zip(self._ema_params, values)}
         self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client)
         self.barrier()
 
@@ -233,10 +236,24 @@ class DeepSpeedStrategy(DDPStrategy):
                                                 load_lr_scheduler_states=False)
         if client is None:
             raise ValueError(f"{path!r} holds no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
-        self._map_masters()  # loading may have re-created the flat partitions
+        # Loading may have re-created the flat partitions; the EMA targets come back in fp32.
+        saved = client.get(EMA_TARGETS_KEY) or {}
+        if set(saved) != set(self._ema_params):
+            raise ValueError(
+                f"{path!r} holds fp32 EMA targets for {sorted(saved)[:3]}... but this module has {sorted(self._ema_params)[:3]}...; "
+                "resume with the method and settings of the run that wrote it"
+            )
+        self._map_masters({n: saved[n].to(self.root_device) for n in self._ema_params})
+        self.masters.write(list(self._ema_params.values()), [saved[n] for n in self._ema_params])
         client["state_dict"] = None  # the engine has loaded the weights (sharded under ZeRO-3)
         client["optimizer_states"] = []
         return client
+
+    def optimizer_state_dicts(self, optimizers: list) -> list:
+        """None here: the engine saves its partitioned optimizer state in the checkpoint directory
+        (and under ZeRO-3 the torch optimizer's groups hold no parameters between steps, so its
+        own ``state_dict()`` cannot even be taken)."""
+        return []
 
     def load_optimizer_states(self, optimizers: list, states: list) -> None:
         """The engine restored the (partitioned) optimizer state in ``load_checkpoint``."""
@@ -273,6 +290,8 @@ def read_deepspeed_checkpoint(checkpoint_dir: str) -> dict:
     # Our own checkpoint directory: the client state holds plain types and tensors only.
     client = torch.load(os.path.join(tag_dir, model_states[0]), map_location="cpu", weights_only=False)
     ours = {k: v for k, v in client.items() if k in _CLIENT_KEYS}
+    # EMA targets: the fp32 values we keep, not the engine's bf16 working copies.
+    state_dict.update(client.get(EMA_TARGETS_KEY) or {})
     ours.update({"format_version": CHECKPOINT_FORMAT_VERSION, "state_dict": state_dict, "optimizer_states": [],
                  "lr_scheduler_states": []})
     return ours
@@ -318,50 +337,6 @@ def _merge_checked(user: dict, ours: dict, prefix: str = "") -> dict:
                 "change one of them (scale_ssl derives batch sizes, accumulation, clipping and precision from its own config)"
             )
     return merged
-
-
-class _detached:
-    """Take ``children`` out of ``root``'s module tree for the duration (their slots hold None,
-    so the tree's order is kept), so an engine built meanwhile does not see them."""
-
-    def __init__(self, root: nn.Module, children: list[nn.Module]):
-        self.slots = []
-        wanted = {id(c) for c in children}
-        for parent in root.modules():
-            for name, child in parent._modules.items():
-                if child is not None and id(child) in wanted:
-                    self.slots.append((parent, name, child))
-        missing = wanted - {id(c) for _, _, c in self.slots}
-        if missing:
-            raise ValueError("ema_target_modules() returned a module that is not a submodule of the method")
-
-    def __enter__(self):
-        for parent, name, _ in self.slots:
-            parent._modules[name] = None
-        return self
-
-    def __exit__(self, *exc):
-        for parent, name, child in self.slots:
-            parent._modules[name] = child
-        return False
-
-
-def _run_under_autocast(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Run ``module``'s forward under ``torch.autocast`` (fp32 weights, low-precision compute),
-    as the rest of a ``bf16-mixed`` run does elsewhere; its inputs may be the engine's bf16."""
-    active = []
-
-    def enter(_module, _args):
-        context = torch.autocast(device_type=device_type, dtype=dtype)
-        context.__enter__()
-        active.append(context)
-
-    def leave(_module, _args, _output):
-        if active:
-            active.pop().__exit__(None, None, None)
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)
 
 
 def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:

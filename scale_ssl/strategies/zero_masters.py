@@ -9,7 +9,8 @@ therefore use the master copy:
 * reading a parameter's full fp32 value (BYOL/MoCo's EMA reads the online network): every rank
   writes the pieces it holds into a zero buffer, one all-reduce (sum) completes it;
 * writing one (SwAV's prototype normalisation): every rank has the full value, copies its pieces
-  into the master copy and the module's working copy (whole param, or its ZeRO-3 shard);
+  into the master copy and the module's working copy (the whole parameter, or its ZeRO-3 shard
+  and, for parameters ZeRO-3 keeps gathered, the whole one too);
 * keeping a parameter out of one step (SwAV's prototype freeze): its pieces of the master copy,
   of the per-element optimizer state and of the working copy are saved before the engine's step
   and put back after it, bitwise;
@@ -34,6 +35,35 @@ from torch import nn
 from scale_ssl.optim.lars import LARS, FlatShardLayout
 
 
+def working_parts(p: nn.Parameter) -> list[tuple[torch.Tensor, int, int]]:
+    """Where the module holds ``p`` on this rank: ``(flat view, start in the flattened full
+    parameter, length)``. Stages 0-2: the whole parameter. Stage 3: this rank's shard, and the
+    whole parameter too while it is gathered (always, for the small parameters ZeRO-3 keeps
+    "persistent": whole on every rank, re-gathered from the shards after each step)."""
+    if not hasattr(p, "ds_id"):
+        return [(p.data.view(-1), 0, p.numel())]
+    import torch.distributed as dist
+
+    parts = []
+    shard = p.partition_numel()
+    rank = dist.get_rank(group=p.ds_process_group)
+    valid = max(0, min(shard, p.ds_numel - rank * shard))
+    if valid:
+        parts.append((p.ds_tensor.data.view(-1).narrow(0, 0, valid), rank * shard, valid))
+    if p.data.numel() == p.ds_numel:
+        parts.append((p.data.view(-1), 0, p.ds_numel))
+    return parts
+
+
+def _whole_working_copy(p: nn.Parameter) -> torch.Tensor:
+    if hasattr(p, "ds_id") and p.data.numel() != p.ds_numel:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.data.detach().clone()
+    return p.data.detach().clone()
+
+
 @dataclass
 class Piece:
     """This rank's piece of one parameter's master copy."""
@@ -42,7 +72,6 @@ class Piece:
     flat_start: int  # where the piece starts in ``flat``
     length: int  # elements of the parameter in the piece (padding excluded)
     param_start: int  # where the piece starts in the flattened full parameter
-    working: torch.Tensor | None  # ZeRO-3: this rank's shard of the module's copy (same span); else None
 
     @property
     def master(self) -> torch.Tensor:
@@ -65,6 +94,7 @@ class ZeroMasterWeights:
         self.sharded = False  # masters partitioned over ranks (else every rank holds all of them)
         self.working_is_master = False  # the module's (full) parameters equal the masters bitwise
         self._trained_ids: set[int] | None = None
+        self.kept: dict[int, torch.Tensor] = {}  # fp32 values we hold for parameters the optimizer does not step
         self.kind = self._map(engine.optimizer)
 
     # -- building the map -----------------------------------------------------------------------
@@ -108,7 +138,7 @@ class ZeroMasterWeights:
                 if mapping.param_group_index != index:
                     raise ValueError("strategy=deepspeed: a parameter's ZeRO mapping points at another group")
                 hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-                self.pieces[id(p)] = Piece(flat, hp.start, hp.numel, lp.start, None)
+                self.pieces[id(p)] = Piece(flat, hp.start, hp.numel, lp.start)
                 pieces.append((owner, hp.start, hp.numel))
             self.layouts.append((flat, FlatShardLayout(tuple(params), tuple(pieces))))
 
@@ -117,7 +147,7 @@ class ZeroMasterWeights:
         for params, flat in zip(groups, flats):
             pieces, offset = [], 0
             for owner, p in enumerate(params):
-                self.pieces[id(p)] = Piece(flat, offset, p.numel(), 0, None)
+                self.pieces[id(p)] = Piece(flat, offset, p.numel(), 0)
                 pieces.append((owner, offset, p.numel()))
                 offset += p.numel()
             self.layouts.append((flat, FlatShardLayout(tuple(params), tuple(pieces))))
@@ -137,11 +167,19 @@ class ZeroMasterWeights:
                 shard = p.partition_numel()
                 valid = max(0, min(shard, p.ds_numel - rank * shard))
                 if valid:
-                    working = p.ds_tensor.data.view(-1).narrow(0, 0, valid)
-                    self.pieces[id(p)] = Piece(flat, offset, valid, rank * shard, working)
+                    self.pieces[id(p)] = Piece(flat, offset, valid, rank * shard)
                     pieces.append((owner, offset, valid))
                 offset += shard
             self.layouts.append((flat, FlatShardLayout(tuple(params), tuple(pieces))))
+
+    def keep_fp32(self, params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+        """Hold whole fp32 values for ``params``, which the optimizer does not step (EMA targets):
+        ``full`` returns them, ``write`` updates them and the module's working copy."""
+        for p, value in zip(params, values):
+            if self._trained(p):
+                raise ValueError("strategy=deepspeed: an EMA target parameter is also trained by the optimizer")
+            self.kept[id(p)] = value.detach().float().reshape(self._full_shape(p)).clone()
+        self.write(params, [self.kept[id(p)] for p in params])
 
     # -- reading and writing ----------------------------------------------------------------------
     def _trained(self, p: nn.Parameter) -> bool:
@@ -155,7 +193,13 @@ class ZeroMasterWeights:
         return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
     def full(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
-        """Full fp32 master values of ``params`` (a collective when the masters are partitioned)."""
+        """Full fp32 master values of ``params`` (a collective when the masters are partitioned).
+        Values we keep (``keep_fp32``) are returned as they are held: updating them in place and
+        passing them to ``write`` refreshes the working copy."""
+        if self.kept and all(id(p) in self.kept for p in params):
+            return [self.kept[id(p)] for p in params]
+        if any(id(p) in self.kept for p in params):
+            raise ValueError("strategy=deepspeed: read EMA targets and trained parameters in separate calls")
         if self.working_is_master:
             return [p.detach() for p in params]
         trained = [self._trained(p) for p in params]
@@ -191,17 +235,19 @@ class ZeroMasterWeights:
         """Put full values (identical on every rank) into the masters and the module's copy."""
         with torch.no_grad():
             for p, value in zip(params, values):
+                if id(p) in self.kept:
+                    kept = self.kept[id(p)]
+                    if value.data_ptr() != kept.data_ptr():
+                        kept.copy_(value.detach().reshape(kept.shape))
+                    value = kept
+                elif hasattr(p, "ds_id") and not self._trained(p):
+                    raise ValueError("strategy=deepspeed: writing a ZeRO-3 parameter the optimizer does not train")
                 flat_value = value.detach().reshape(-1)
                 piece = self.pieces.get(id(p))
                 if piece is not None:
-                    part = flat_value.narrow(0, piece.param_start, piece.length)
-                    piece.master.copy_(part.to(piece.flat.dtype))
-                    if piece.working is not None:
-                        piece.working.copy_(part.to(piece.working.dtype))
-                if not hasattr(p, "ds_id"):  # stages 0-2: every rank holds the whole working copy
-                    p.copy_(value.detach().reshape(p.shape).to(p.dtype))
-                elif not self._trained(p):
-                    raise ValueError("strategy=deepspeed: writing a ZeRO-3 parameter the optimizer does not train")
+                    piece.master.copy_(flat_value.narrow(0, piece.param_start, piece.length).to(piece.flat.dtype))
+                for view, start, length in working_parts(p):
+                    view.copy_(flat_value.narrow(0, start, length).to(view.dtype))
 
     def _device(self, params) -> torch.device:
         for p in params:
@@ -226,7 +272,9 @@ class ZeroMasterWeights:
         )
 
     def hold(self, params: Sequence[nn.Parameter]) -> list:
-        """Everything a step could change about ``params`` on this rank (no communication)."""
+        """Everything a step could change about ``params`` on this rank (a collective under
+        ZeRO-3 for parameters not gathered at the time: the whole working copy is kept, because
+        the step may leave a parameter gathered that was not, or the other way round)."""
         held = []
         for p in params:
             piece = self.pieces.get(id(p))
@@ -235,25 +283,24 @@ class ZeroMasterWeights:
                 for key, value in self.torch_optimizer.state.get(piece.flat, {}).items():
                     if isinstance(value, torch.Tensor) and value.shape == piece.flat.shape:
                         state[key] = value.narrow(0, piece.flat_start, piece.length).clone()
-            working = piece.working if piece is not None and piece.working is not None else (
-                None if hasattr(p, "ds_id") else p.data)
-            held.append((p, piece, piece.master.clone() if piece is not None else None, state,
-                         working, working.clone() if working is not None else None))
+            master = piece.master.clone() if piece is not None else None
+            held.append((p, piece, master, state, _whole_working_copy(p)))
         return held
 
     def restore(self, held: list) -> None:
         """Put back what ``hold`` saved; optimizer state created by the step meanwhile is zeroed
         for these pieces (the state they would have had without the step: none)."""
         with torch.no_grad():
-            for p, piece, master, state, working, working_copy in held:
+            for p, piece, master, state, working in held:
                 if piece is not None:
                     piece.master.copy_(master)
                     for key, value in self.torch_optimizer.state.get(piece.flat, {}).items():
                         if isinstance(value, torch.Tensor) and value.shape == piece.flat.shape:
                             target = value.narrow(0, piece.flat_start, piece.length)
                             target.copy_(state[key]) if key in state else target.zero_()
-                if working is not None:
-                    working.copy_(working_copy)
+                flat_working = working.reshape(-1)
+                for view, start, length in working_parts(p):
+                    view.copy_(flat_working.narrow(0, start, length))
 
     # -- LARS ------------------------------------------------------------------------------------
     def configure_lars(self) -> None:

@@ -143,10 +143,10 @@ class SSLModule(nn.Module):
     # -- weights outside the forward pass --------------------------------------------------
     def ema_target_modules(self) -> list[nn.Module]:
         """Submodules that follow others by an exponential moving average instead of the
-        optimizer (BYOL's target network, MoCo's momentum encoder). Strategies keep them in fp32
-        and unsharded whatever the engine's precision or sharding (DeepSpeed leaves them out of
-        its engine: no bf16 cast, no ZeRO-3 partitioning); their forward runs under the run's
-        autocast: state that averages stays in fp32."""
+        optimizer (BYOL's target network, MoCo's momentum encoder). State that averages stays in
+        fp32: strategies keep these whole and in fp32 whatever the engine's precision or sharding
+        (DeepSpeed holds an fp32 copy beside its bf16 or ZeRO-3-sharded working copy);
+        ``master_weights`` / ``set_master_weights`` read and write that copy."""
         return []
 
     def master_weights(self, params) -> list[torch.Tensor]:
@@ -167,7 +167,8 @@ class SSLModule(nn.Module):
         if self.trainer is None:
             with torch.no_grad():
                 for p, value in zip(params, values):
-                    p.copy_(value.to(p.dtype))
+                    if value.data_ptr() != p.data_ptr():
+                        p.copy_(value.to(p.dtype))
             return
         self.trainer.strategy.write_master_parameters(params, values)
 
