@@ -78,6 +78,16 @@ TOLERANCE_FP32 = {"loss": 1e-5, "params": 1e-5, "ema": 1e-5, "buffers": 1e-5, "q
                   # optimizer state holds this step's update alone after the first step (momentum
                   # buffers) or its square (Adam's second moment): the gradient's own ~1e-6 noise.
                   "state": 1e-4}
+# ...on every step but one. Now and then a ReLU whose input lies within rounding of zero switches
+# in one run and not in the other (the N-rank sums differ from one process's in their last bit);
+# that step's gradient then differs in the units fed through it: measured 1e-3..6e-3 on the
+# optimizer state and up to 1.2e-5 on the parameters, on one step of a cell, in about one cell of
+# three with BatchNorm (MoCo's shuffled key batch, SwAV at ZeRO-3). Each bug this matrix is for
+# is systematic: it shows on every step (or every step from the first that uses the part it
+# breaks), so the strict bound applies to all steps but the worst, and the worst step stays
+# under ONE_STEP_BOUND_FP32, which no such bug meets (a per-partition LARS trust ratio moved the
+# state by 17 %, a missing 1/N by 100 %).
+ONE_STEP_BOUND_FP32 = {"loss": 1e-4, "params": 1e-4, "ema": 1e-4, "buffers": 1e-4, "queue": 1e-4, "state": 2e-2}
 # The EMA target after each step vs tau * previous + (1 - tau) * online fp32 masters recomputed
 # from the snapshots (same inputs, torch.lerp): a few ulps at most; a bf16 target is 4e-3 off.
 EMA_RECURRENCE_TOL = 1e-6
@@ -338,6 +348,16 @@ class Recorder(Callback):
     def __init__(self, sink):
         self.sink = sink
 
+    def on_train_start(self, trainer, module):
+        # SwAV's prototypes once the engine exists (DeepSpeed bf16 makes its fp32 masters from
+        # the bf16 module): what "unchanged through the freeze epoch" compares with.
+        prototypes = getattr(module, "prototypes", None)
+        if prototypes is not None:
+            initial = (_full_value(prototypes.weight, getattr(trainer.strategy, "engine", None)),
+                       _working_value(prototypes.weight))
+            if trainer.is_global_zero and hasattr(self.sink, "initial_prototypes"):
+                self.sink.initial_prototypes = initial
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         taken = snapshot(trainer, module, loss)
@@ -458,13 +478,13 @@ def compare(taken: dict, reference: dict, unpermute_queue=None) -> dict:
     return out
 
 
-def worst(per_step: list[dict]) -> dict:
-    """Worst value of each figure over the steps (None where a figure does not apply), and the
-    gradient-free parameters left out on any step."""
+def worst(per_step: list[dict], spare: int = 0) -> dict:
+    """Worst value of each figure over the steps, leaving out the ``spare`` worst steps (None
+    where a figure does not apply), and the gradient-free parameters left out on any step."""
     out = {}
     for figure in FIGURES:
-        values = [s[figure] for s in per_step if s.get(figure) is not None]
-        out[figure] = max(values) if values else None
+        values = sorted(s[figure] for s in per_step if s.get(figure) is not None)
+        out[figure] = values[-1 - spare] if len(values) > spare else None
     out["dead"] = sorted(set().union(*(s.get("dead", set()) for s in per_step)))
     return out
 
@@ -530,11 +550,12 @@ def load_state(module, optimizer, taken: dict) -> None:
         module.online_evaluator.load_state_dict(taken["online"])
 
 
-def teacher_forced(method: str, states: str) -> dict:
-    """One process replaying a run step by step from the states saved in ``states``."""
+def teacher_forced(method: str, states: str) -> tuple[dict, dict]:
+    """One process replaying a run step by step from the states saved in ``states``: the figures
+    of every step but the worst one, and of the worst one (see ``TOLERANCE_FP32``)."""
     forcing = TeacherForcing(states)
     train(method, strategy_for("single", 1), "32", global_batches(method), [forcing])
-    return worst(forcing.steps)
+    return worst(forcing.steps, spare=1), worst(forcing.steps)
 
 
 # -- the cells -------------------------------------------------------------------------------------
@@ -568,7 +589,8 @@ EXPECTED_REFUSALS: dict[str, str] = {}
 @dataclass
 class Result:
     cell: Cell
-    figures: dict = field(default_factory=dict)  # fp32: teacher-forced; bf16: free-running
+    figures: dict = field(default_factory=dict)  # fp32: teacher-forced, all steps but the worst; bf16: free-running
+    outlier: dict | None = None  # fp32: the worst teacher-forced step
     free_running: dict | None = None  # fp32: the six-step free run against the one-process run
     floor: dict | None = None  # bf16: the one-process reordering floor
     refused: str | None = None
@@ -600,6 +622,7 @@ class _Run:
         self.save = save_sink(states) if states else None
         self.steps: list[dict] = []
         self.prototypes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (master, working copy)
+        self.initial_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ema_errors: list[float] = []
         self.ema_dtypes: set[str] = set()
         self._previous_ema = None
@@ -644,7 +667,7 @@ def run_cell(cell: Cell, rank: int, world: int, root: str) -> Result | None:
         result.free_running = worst(run.steps)
     else:
         result.figures = worst(run.steps)
-    result.frozen_prototypes_bitwise = _frozen_bitwise(run.prototypes)
+    result.frozen_prototypes_bitwise = _frozen_bitwise(run.initial_prototypes, run.prototypes)
     if run.ema_errors:
         result.ema_recurrence = max(run.ema_errors)
         result.ema_dtypes = sorted(run.ema_dtypes)
@@ -660,7 +683,7 @@ def finish_cell(result: Result, root: str) -> Result:
     if cell.precision == "32":
         started = time.perf_counter()
         states = os.path.join(root, "states", cell.id)
-        result.figures = teacher_forced(cell.method, states)
+        result.figures, result.outlier = teacher_forced(cell.method, states)
         shutil.rmtree(states, ignore_errors=True)
         result.seconds += time.perf_counter() - started
     else:
@@ -668,16 +691,15 @@ def finish_cell(result: Result, root: str) -> Result:
     return result
 
 
-def _frozen_bitwise(prototypes: list[tuple[torch.Tensor, torch.Tensor]]) -> bool | None:
+def _frozen_bitwise(initial: tuple | None, prototypes: list[tuple[torch.Tensor, torch.Tensor]]) -> bool | None:
     """SwAV: after every step of the freeze epoch the prototypes, as the optimizer holds them
-    and as the module holds them, equal their initial value bitwise; and they train after it."""
+    and as the module holds them, equal their values at the start bitwise; and they train after."""
     if not prototypes:
         return None
-    initial = build_module("swav").prototypes.weight.detach().float()
+    master0, working0 = initial
     frozen = prototypes[:BATCHES_PER_EPOCH]
-    unchanged = all(torch.equal(master, initial) and torch.equal(working, initial.to(working.dtype))
-                    for master, working in frozen)
-    return unchanged and not torch.equal(prototypes[-1][0], initial)
+    unchanged = all(torch.equal(master, master0) and torch.equal(working, working0) for master, working in frozen)
+    return unchanged and not torch.equal(prototypes[-1][0], master0)
 
 
 # -- one-process references -----------------------------------------------------------------------
@@ -719,6 +741,10 @@ def problems(result: Result) -> list[str]:
     found = []
     if result.cell.precision == "32":
         limits = TOLERANCE_FP32
+        for figure, limit in ONE_STEP_BOUND_FP32.items():
+            value = result.outlier.get(figure)
+            if value is not None and not value <= limit:
+                found.append(f"{figure} differs by {value:.3g} on its worst step > {limit:.3g}")
     else:
         limits = {k: BF16_FLOOR_FACTOR * v + BF16_SLACK for k, v in result.floor.items() if v is not None}
     for figure, limit in limits.items():
