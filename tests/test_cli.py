@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from scale_ssl.cli.main import EXIT_BAD_INPUT, main
+from scale_ssl.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "simclr", "fmnist_cpu.yaml")
@@ -137,12 +138,17 @@ def test_dp_without_devices_is_a_clear_error(capsys, fmnist_shards, tmp_path):
     assert "trainer.devices" in line
 
 
-def test_dp_with_the_default_global_batchnorm_is_a_clear_error(capsys, fmnist_shards, tmp_path):
-    """The configs default to global BN; dp normalises per device part, so it must be asked for."""
-    line = _error_of(["fit", "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="dp"),
-                      "trainer.devices=2"], capsys)
-    assert "trainer.sync_batchnorm=true needs trainer.strategy=ddp or xla" in line
-    assert "set trainer.sync_batchnorm=false" in line.lower()
+def test_every_multi_part_strategy_takes_the_default_global_batchnorm(fmnist_shards, tmp_path):
+    """The configs default to global BN, and every strategy that splits a batch honours it."""
+    from scale_ssl.cli.fit import GLOBAL_BATCHNORM_STRATEGIES, build_strategy_from_config
+
+    for strategy in GLOBAL_BATCHNORM_STRATEGIES:
+        overrides = [*tiny_overrides(fmnist_shards, tmp_path, strategy=strategy), "trainer.devices=2"]
+        config = load_config(CONFIG, overrides)
+        assert config.trainer.sync_batchnorm is True
+        if strategy == "xla":
+            continue  # building it needs torch_xla (tests/xla)
+        assert build_strategy_from_config(config).sync_batchnorm is True, strategy
 
 
 @pytest.mark.timeout(600)

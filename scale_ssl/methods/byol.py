@@ -11,7 +11,9 @@ Self-Supervised Learning", NeurIPS 2020 (arXiv:2006.07733).
 
 The target is a submodule without gradients, so it is in the ``state_dict`` (hence in every
 checkpoint) and resume is exact. The EMA runs in ``on_train_batch_end``, after the optimizer
-step, on every rank alike: no strategy-specific code. The loss is per sample: nothing to gather.
+step, on every rank alike: no strategy-specific code. It reads the optimizer's fp32 weights
+(``master_weights``) and the target stays fp32 and whole (``ema_target_modules``) whatever the
+engine's precision or ZeRO stage. The loss is per sample: nothing to gather.
 
 Arguments follow pl_bolts' ``BYOL``; world size and batch size come from the trainer and stream.
 """
@@ -22,7 +24,7 @@ import torch
 
 from scale_ssl.data import BYOLViews
 from scale_ssl.losses import BYOLLoss
-from scale_ssl.methods.ema import cosine_tau, ema_update_, frozen_copy
+from scale_ssl.methods.ema import cosine_tau, ema_step, frozen_copy
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import ProjectionHead, build_resnet_encoder
 from scale_ssl.trainer import SSLModule
@@ -128,8 +130,12 @@ class BYOL(SSLModule):
         if self.global_step != self._ema_step:
             self._ema_step = self.global_step
             self.current_tau = self.tau_for_step(self.global_step - 1)
-            ema_update_(self.target_encoder, self.encoder, self.current_tau)
-            ema_update_(self.target_projector, self.projector, self.current_tau)
+            # On the fp32 values (DeepSpeed: the master copy and the target's fp32 copy).
+            ema_step(self, self.target_encoder, self.encoder, self.current_tau)
+            ema_step(self, self.target_projector, self.projector, self.current_tau)
+
+    def ema_target_modules(self) -> list:
+        return [self.target_encoder, self.target_projector]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._ema_step = int(checkpoint.get("global_step", 0))

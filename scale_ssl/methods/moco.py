@@ -30,7 +30,7 @@ from torch import nn
 from scale_ssl.collectives import convert_to_global_batchnorm
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import InfoNCEQueueLoss
-from scale_ssl.methods.ema import ema_update_, frozen_copy
+from scale_ssl.methods.ema import ema_step, frozen_copy
 from scale_ssl.methods.moco_queue import MoCoQueue
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import build_resnet_encoder
@@ -165,8 +165,12 @@ class MoCoV2(SSLModule):
         if self.global_step != self._ema_step:
             self._ema_step = self.global_step
             m = self.hparams["encoder_momentum"]
-            ema_update_(self.momentum_encoder, self.encoder, m)
-            ema_update_(self.momentum_projection, self.projection, m)
+            # On the fp32 values (DeepSpeed: the master copy and the target's fp32 copy).
+            ema_step(self, self.momentum_encoder, self.encoder, m)
+            ema_step(self, self.momentum_projection, self.projection, m)
+
+    def ema_target_modules(self) -> list:
+        return [self.momentum_encoder, self.momentum_projection]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Identical on every rank (every rank enqueues the same global keys): stored once.

@@ -10,9 +10,11 @@ Contrasting Cluster Assignments", NeurIPS 2020 (arXiv:2006.09882).
     L = swapped prediction of q from the other crops' softmax(s / T)   (``SwAVLoss``)
 
 Distributed: Sinkhorn sums over all ranks (``distributed_sinkhorn``); the queue is one logical
-global queue sharded over ranks and checkpointed as such (``SwAVQueue``). Prototype gradients are
-dropped during the first ``freeze_prototypes_epochs`` epochs (paper, appendix A.1), through the
-``on_before_optimizer_step`` hook, so every strategy's reduced gradients are frozen alike.
+global queue sharded over ranks and checkpointed as such (``SwAVQueue``). The prototypes take no
+update during the first ``freeze_prototypes_epochs`` epochs (paper, appendix A.1): the
+``on_before_optimizer_step`` hook asks the strategy to ``skip_update`` them, so they stay bitwise
+unchanged on every strategy, also where ZeRO keeps its own flattened gradients and fp32 master
+copy. Their normalisation writes that master copy too (``set_master_weights``).
 
 Arguments follow pl_bolts' ``SwAV``, except that world size, per-device batch and sample counts
 come from the trainer and the data stream (no ``gpus``/``nodes``/``batch_size``/``num_samples``).
@@ -169,8 +171,11 @@ class SwAV(SSLModule):
 
     @torch.no_grad()
     def _normalize_prototypes(self) -> None:
+        """C <- C / ||C|| row-wise, on the optimizer's fp32 weights (under DeepSpeed its master
+        copy: a write to the module's bf16 copy would be overwritten by the next step)."""
         weight = self.prototypes.weight
-        weight.copy_(F.normalize(weight.float(), dim=1).to(weight.dtype))
+        (master,) = self.master_weights([weight])
+        self.set_master_weights([weight], [F.normalize(master.float(), dim=1)])
 
     def training_step(self, batch, batch_idx: int):
         crops, _labels = batch
@@ -187,10 +192,16 @@ class SwAV(SSLModule):
         # full batch rather than interleaving the parts' crops.
         return {"embedding": list(embedding.split(b)), "scores": list(scores.split(b))}
 
+    def _prototypes_frozen(self) -> bool:
+        return self.current_epoch < self.hparams["freeze_prototypes_epochs"]
+
     def on_train_batch_start(self, batch, batch_idx: int):
         # Once per (micro-)batch before any forward: under dp the parts then share one normalised
-        # weight instead of each thread rewriting it while another reads it.
-        self._normalize_prototypes()
+        # weight instead of each thread rewriting it while another reads it. Not while frozen:
+        # they have not moved since the last normalisation (at construction or after the last
+        # update), and normalising a unit vector again changes its last bits.
+        if not self._prototypes_frozen():
+            self._normalize_prototypes()
 
     def training_step_end(self, outputs):
         """Sinkhorn codes, the swapped-prediction loss and the queue push, on the whole batch:
@@ -221,9 +232,9 @@ class SwAV(SSLModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Paper, appendix A.1: the prototypes stay fixed at first, which helps the codes settle.
-        if self.current_epoch < self.hparams["freeze_prototypes_epochs"]:
-            for p in self.prototypes.parameters():
-                p.grad = None
+        # skip_update, not p.grad = None: ZeRO's partitions hold their own reduced gradients.
+        if self._prototypes_frozen():
+            self.skip_update(self.prototypes.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every rank runs this (the gather is a collective); rank zero writes the one logical queue.

@@ -1110,7 +1110,7 @@ class Trainer:
             "module_class": type(module).__name__,
             "state_dict": module.state_dict(),
             "hyper_parameters": dict(module.hparams),
-            "optimizer_states": [opt.state_dict() for opt in self.optimizers],
+            "optimizer_states": self.strategy.optimizer_state_dicts(self.optimizers),
             "lr_scheduler_states": [c.scheduler.state_dict() for c in self.lr_scheduler_configs],
             "lr_scheduler_step_counts": [getattr(c, "_steps", 0) for c in self.lr_scheduler_configs],
             "precision_state": self.precision.state_dict(),
