@@ -12,6 +12,7 @@ from scale_ssl.methods.moco_queue import MoCoQueue
 from scale_ssl.strategies import DDPStrategy
 from scale_ssl.trainer import Callback, Trainer
 from scale_ssl.trainer.seed import seed_everything
+from tests._batchnorm_free import remove_batchnorm
 from tests.distributed import run_on_ranks
 
 NEG = 16
@@ -149,20 +150,11 @@ ACC_STEPS = 4  # the queue wraps: 4 x 8 keys > 48 - 16 slots left after 2 steps
 
 
 def without_batchnorm(model: MoCoV2) -> MoCoV2:
-    """The same MoCoV2 with its BatchNorm layers removed from both encoders.
-
-    Accumulation can equal one process on the whole batch only for a loss that is a mean of
-    per-sample terms: BatchNorm normalises each micro-batch with its own statistics, so with BN no
-    accumulation scheme equals the whole batch. Without it, MoCo's loss given the queue is such a
-    mean, and what remains to compare is exactly the queue's timing."""
-    def strip(module):
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.BatchNorm2d):
-                setattr(module, name, torch.nn.Identity())
-            else:
-                strip(child)
-    strip(model.encoder)
-    strip(model.momentum_encoder)
+    """Without BN, MoCo's loss given the queue is a mean of per-sample terms, so accumulation can
+    equal one process on the whole batch and what remains to compare is the queue's timing
+    (``tests/_batchnorm_free.py``)."""
+    for name in ("encoder", "momentum_encoder", "projection", "momentum_projection"):
+        remove_batchnorm(getattr(model, name))
     return model
 
 
