@@ -67,6 +67,13 @@ def run_on_ranks(fn, world_size: int, *args, start_method: str = "spawn") -> lis
     level work start in a second on a 2-core machine. A forked rank runs with one intra-op thread
     (set in ``_entry``, as DataLoader workers do), and the parent must not have initialised a
     process group itself."""
+    if start_method == "fork":
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            raise RuntimeError(
+                "run_on_ranks(start_method='fork'): this process has a process group; forked ranks would inherit it"
+            )
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         try:
