@@ -70,12 +70,19 @@ def _ranks(rank, world):
     trainer.fit(synced, rank_slice(make_batches((8,)), rank, world))
     out["sync_bn_loss"] = trainer.callback_metrics["train/loss"]
     out["sync_bn_layers"] = sum(type(m).__name__ == "GlobalBatchNorm" for m in synced.modules())
+    out["accumulated"] = _accumulating_ranks(rank, world)  # see the accumulation tests below
     return out
 
 
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One launch of 2 gloo ranks for every 2-rank check of this file."""
+    return run_on_ranks(_ranks, 2)
+
+
 @pytest.mark.timeout(300)
-def test_global_queue_identical_on_every_rank_short_last_batch_shuffle_bn_and_sync_bn():
-    results = run_on_ranks(_ranks, 2)
+def test_global_queue_identical_on_every_rank_short_last_batch_shuffle_bn_and_sync_bn(two_ranks):
+    results = two_ranks
     first = results[0]
     for other in results[1:]:
         assert torch.equal(other["keys"], first["keys"])
@@ -243,14 +250,13 @@ def assert_same_steps(got, want, what):
 
 
 @pytest.mark.timeout(300)
-def test_accumulation_on_one_process_and_two_ranks_equals_one_process_on_the_whole_batch():
+def test_accumulation_on_one_process_and_two_ranks_equals_one_process_on_the_whole_batch(two_ranks):
     steps = micro_batches()
     whole = fit_snapshots(acc_model(), [whole_batch_order(step) for step in steps])
     one_process = fit_snapshots(acc_model(), [cat_batches(micro) for step in steps for micro in step], accumulate=2)
     assert_same_steps(one_process, whole, "1 process, accumulate 2")
-    two_ranks = run_on_ranks(_accumulating_ranks, 2)
-    for rank, got in enumerate(two_ranks):
-        assert_same_steps(got, whole, f"2 ranks, accumulate 2, rank {rank}")
+    for rank, result in enumerate(two_ranks):
+        assert_same_steps(result["accumulated"], whole, f"2 ranks, accumulate 2, rank {rank}")
     # the queue really moved, and wrapped: every step enqueued the step's 8 keys at once
     assert [s["ptr"] for s in whole] == [8, 16, 24, 32]
     assert not torch.equal(whole[-1]["keys"], whole[0]["keys"])
