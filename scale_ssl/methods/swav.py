@@ -16,6 +16,14 @@ update during the first ``freeze_prototypes_epochs`` epochs (paper, appendix A.1
 unchanged on every strategy, also where ZeRO keeps its own flattened gradients and fp32 master
 copy. Their normalisation writes that master copy too (``set_master_weights``).
 
+Gradient accumulation: each micro-batch is one Sinkhorn batch (its rows on every rank, plus the
+queue), and it pushes its rows into the queue after its loss, as a run whose global batch is the
+micro-batch would. Unlike MoCo's per-sample InfoNCE, no queue policy can make accumulation equal
+one process on the whole optimizer batch: the equipartition couples the rows Sinkhorn is given,
+so the codes of one micro-batch depend on which rows share it (``derived_run_figures`` reports
+``sinkhorn_rows`` per micro-batch). N ranks still equal one process accumulating the same
+micro-batches, queue included (``tests/test_swav_method.py``).
+
 Arguments follow pl_bolts' ``SwAV``, except that world size, per-device batch and sample counts
 come from the trainer and the data stream (no ``gpus``/``nodes``/``batch_size``/``num_samples``).
 """
