@@ -1,4 +1,4 @@
-"""Export a pretrained encoder as a plain state dict that loads into a torchvision ResNet.
+"""Export a pretrained encoder as a plain state dict that loads into torchvision (ResNet or ViT).
 
 ``scale-ssl export --ckpt PATH --out encoder.pt`` writes ``torch.save(state_dict)`` of the
 method's ``encoder`` (keys ``conv1.weight``, ``bn1.*``, ``layer1.0.*``, ... and no ``fc.*``: the
@@ -7,6 +7,14 @@ architecture and stem options needed to rebuild the model. It loads with ``stric
 :func:`torchvision_resnet` (torchvision's model with the same stem changes and ``fc`` replaced by
 ``nn.Identity``; see ``scale_ssl.models.resnet``), or with ``strict=False`` into an unmodified
 torchvision model of the same stem, whose ``fc`` then stays newly initialised.
+
+A ViT encoder (``arch`` ``vit_<size>_<patch>``, ``scale_ssl.models.vit``) exports the same way: its
+keys are torchvision's ``VisionTransformer`` keys (``conv_proj.*``, ``class_token``,
+``encoder.pos_embedding``, ``encoder.layers.encoder_layer_<i>.*``, ``encoder.ln.*``; no
+``heads.*``), and it loads with ``strict=True`` into ``torchvision.models.vit_b_16(weights=None,
+image_size=...)`` (or the other torchvision names) with ``heads = nn.Identity()``, or into
+:func:`scale_ssl.models.torchvision_vit` for every size and channel count. That model's forward
+returns the class token: the encoder's features when it was trained with ``pool="cls"``.
 
 The work is done on state dicts (:func:`encoder_state_dict`, :func:`export_encoder_state`), not on
 a checkpoint file, so any source of a full module state dict can be exported. ``--ckpt`` may be
@@ -27,7 +35,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from scale_ssl.methods import METHODS
-from scale_ssl.models import RESNET_ARCHITECTURES, build_resnet_encoder
+from scale_ssl.models import RESNET_ARCHITECTURES, build_encoder, build_resnet_encoder, is_vit_arch
+from scale_ssl.models.vit import TORCHVISION_VITS
 from scale_ssl.strategies.checkpoint_reader import read_checkpoint
 
 ENCODER_PREFIX = "encoder."
@@ -53,8 +62,21 @@ def encoder_state_dict(model_state_dict: Mapping[str, torch.Tensor], prefix: str
     return out
 
 
+def _arch(hyper_parameters: Mapping):
+    # SimCLR/SwAV/SimSiam/DINO call it ``arch``, BYOL and MoCo ``base_encoder`` (pl_bolts' names).
+    return hyper_parameters.get("arch", hyper_parameters.get("base_encoder"))
+
+
+def vit_options(hyper_parameters: Mapping) -> dict:
+    """``arch``/``in_channels``/``encoder_options`` of a ViT checkpoint's hyper-parameters."""
+    return {"arch": _arch(hyper_parameters), "in_channels": hyper_parameters.get("in_channels", 3),
+            "encoder_options": dict(hyper_parameters.get("encoder_options") or {})}
+
+
 def stem_options(hyper_parameters: Mapping) -> dict:
     """``arch``/``in_channels``/``first_conv``/``maxpool1`` from a checkpoint's hyper-parameters."""
+    if _arch(hyper_parameters) is not None and "arch" not in hyper_parameters:
+        hyper_parameters = {**hyper_parameters, "arch": _arch(hyper_parameters)}
     if "arch" not in hyper_parameters:
         raise ValueError(
             "the checkpoint's hyper_parameters name no 'arch'; export rebuilds the encoder from "
@@ -96,8 +118,13 @@ def export_encoder_state(
     state dict that does not match the architecture fails here, not in the user's code later.
     """
     state = encoder_state_dict(model_state_dict, prefix)
-    options = stem_options(hyper_parameters)
-    encoder, feature_dim = build_resnet_encoder(**options)
+    vit = is_vit_arch(_arch(hyper_parameters))
+    options = vit_options(hyper_parameters) if vit else stem_options(hyper_parameters)
+    if vit:
+        encoder, feature_dim = build_encoder(options["arch"], in_channels=options["in_channels"],
+                                             options=options["encoder_options"], owner="export")
+    else:
+        encoder, feature_dim = build_resnet_encoder(**options)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -110,15 +137,26 @@ def export_encoder_state(
     tmp = f"{out_path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out_path)  # never leave a half-written encoder under the final name
+    load = f"model.load_state_dict(torch.load({os.path.basename(out_path)!r}))"
+    if vit:
+        arch, channels = options["arch"], options["in_channels"]
+        if arch in TORCHVISION_VITS and channels == 3:
+            build = f"model = torchvision.models.{arch}(weights=None, image_size={encoder.image_size}); model.heads = torch.nn.Identity()"
+        else:
+            build = f"model = scale_ssl.models.torchvision_vit({arch!r}, in_channels={channels}, image_size={encoder.image_size})"
+        extra = {"image_size": encoder.image_size, "patch_size": encoder.patch_size, "pool": encoder.pool,
+                 "features": "the class token (torchvision's forward)" if encoder.pool == "cls" else
+                             "the mean of the patch tokens: torchvision's forward returns the class token instead"}
+    else:
+        build = (f"model = scale_ssl.eval.export.torchvision_resnet({options['arch']!r}, in_channels={options['in_channels']}, "
+                 f"first_conv={options['first_conv']}, maxpool1={options['maxpool1']})")
+        extra = {}
     description = {
         **options,
+        **extra,
         "feature_dim": feature_dim,
         "num_tensors": len(state),
-        "load_with": (
-            f"model = scale_ssl.eval.export.torchvision_resnet({options['arch']!r}, in_channels={options['in_channels']}, "
-            f"first_conv={options['first_conv']}, maxpool1={options['maxpool1']}); "
-            f"model.load_state_dict(torch.load({os.path.basename(out_path)!r}))"
-        ),
+        "load_with": f"{build}; {load}",
         **dict(metadata or {}),
     }
     with open(os.path.splitext(out_path)[0] + ".json", "w") as handle:
