@@ -229,6 +229,25 @@ def test_dino_on_two_ddp_ranks_equals_one_process():
         print(f"dino 2 ranks vs 1 process after {STEPS} steps: max relative diff {worst:.2e}")
 
 
+def test_dp_two_parts_equal_single_on_the_whole_batch():
+    """strategy=dp: the loss and the center update in training_step_end see every part's crops."""
+    from scale_ssl.strategies import DPStrategy
+
+    start = _state(make_dino(**EQUIVALENCE))
+    results = []
+    for strategy in ("single", DPStrategy(accelerator="cpu", devices=2)):
+        model = make_dino(**EQUIVALENCE)
+        trainer = quiet(strategy, 2)
+        trainer.fit(model, make_batches(2))
+        results.append((_state(model), [row["train/loss"] for row in trainer.history]))
+    (reference, ref_losses), (dp, dp_losses) = results
+    assert dp_losses == pytest.approx(ref_losses, rel=REL_TOL)
+    for key in reference:
+        if reference[key].is_floating_point() and not torch.equal(reference[key], start[key]):
+            change = (reference[key] - start[key]).abs().max().item()
+            assert (dp[key] - reference[key]).abs().max().item() <= REL_TOL * change + 1e-7, key
+
+
 class StopAfter(Callback):
     def __init__(self, step):
         self.step = step
