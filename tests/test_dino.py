@@ -336,6 +336,14 @@ def test_center_and_teacher_stay_fp32():
     assert model.criterion.center.dtype == torch.float32 and model.encoder.conv_proj.weight.dtype == torch.bfloat16
 
 
+def test_dino_takes_a_resnet_too():
+    """The paper also trains DINO on a ResNet-50 (with BN in the head): any build_encoder arch."""
+    model = make_dino(arch="resnet10", encoder_options=None, first_conv=True, maxpool1=False, use_bn_in_head=True)
+    trainer = quiet("single", 1)
+    trainer.fit(model, make_batches(1))
+    assert model.feature_dim == 512 and torch.isfinite(torch.tensor(trainer.history[0]["train/loss"]))
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="DINO expects 4 crops per image .*set data.views.num_crops"):
         quiet("single", 1).fit(make_dino(), [((c[0][0], c[0][1]), c[1]) for c in make_batches(1)])
@@ -349,3 +357,24 @@ def test_clear_errors():
                                    "global_step": 0, "strategy": None})()
     with pytest.raises(RuntimeError, match="no parameter gradient is visible before the optimizer step"):
         model.on_before_optimizer_step(torch.optim.SGD(model.head.parameters(), lr=0.1))
+
+
+def _deepspeed_zero2(rank: int, world: int) -> str:
+    from scale_ssl.strategies import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy(accelerator="cpu", zero_stage=2, micro_batch_size=B)
+    try:
+        quiet(strategy, 1).fit(make_dino(), make_batches(1))
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deepspeed_zero2_is_refused_at_the_first_step():
+    """A real DeepSpeed engine (ZeRO-2 keeps the gradients in its partitions, none on the
+    parameters): DINO's hooks could not clip or freeze, so the first step stops with the reason."""
+    pytest.importorskip("deepspeed")
+    (message,) = run_on_ranks(_deepspeed_zero2, 1)
+    assert "no parameter gradient is visible before the optimizer step" in message, message

@@ -271,14 +271,15 @@ class DINO(SSLModule):
                 raise RuntimeError(
                     "DINO: no parameter gradient is visible before the optimizer step, so the per-parameter clipping "
                     "(model.clip_grad) and the last-layer freeze (model.freeze_last_layer) cannot act; this strategy "
-                    "keeps gradients inside its engine (DeepSpeed ZeRO partitions them): use strategy single, ddp, dp or xla"
+                    "keeps gradients inside its engine (DeepSpeed ZeRO-2/3 partitions them): use strategy single, ddp, dp or "
+                    "xla"
                 )
         decay = self.weight_decay_for_step(self.global_step)
         for group in optimizer.param_groups:
             if group.get(WEIGHT_DECAY_SCHEDULED):
                 group["weight_decay"] = decay
-        if hp["clip_grad"]:
-            grads = [p.grad for p in student if p.grad is not None]
+        grads = [p.grad for p in student if p.grad is not None]
+        if hp["clip_grad"] and grads:
             # Each tensor on its own (the paper's clip_gradients), without a host sync: scale by
             # min(1, clip / (norm + 1e-6)).
             norms = torch._foreach_norm(grads)
