@@ -1,4 +1,4 @@
-"""Export a pretrained encoder as a plain state dict that loads into a torchvision ResNet.
+"""Export a pretrained encoder as a plain state dict that loads into torchvision (ResNet or ViT).
 
 ``scale-ssl export --ckpt PATH --out encoder.pt`` writes ``torch.save(state_dict)`` of the
 method's ``encoder`` (keys ``conv1.weight``, ``bn1.*``, ``layer1.0.*``, ... and no ``fc.*``: the
@@ -13,6 +13,14 @@ and BYOL ``base_encoder`` (pl_bolts' names; their momentum/target copies are not
 AMDIM with ``encoder=<resnet>`` (the trunk under its feature-map heads) and CPC v2 with
 ``encoder_name=<resnet>`` (the ResNet that encodes each patch). AMDIM's and CPC's own encoders
 are not ResNets, and say so. :func:`resnet_source` holds that table.
+
+A ViT encoder (``arch`` ``vit_<size>_<patch>``, ``scale_ssl.models.vit``) exports the same way: its
+keys are torchvision's ``VisionTransformer`` keys (``conv_proj.*``, ``class_token``,
+``encoder.pos_embedding``, ``encoder.layers.encoder_layer_<i>.*``, ``encoder.ln.*``; no
+``heads.*``), and it loads with ``strict=True`` into ``torchvision.models.vit_b_16(weights=None,
+image_size=...)`` (or the other torchvision names) with ``heads = nn.Identity()``, or into
+:func:`scale_ssl.models.torchvision_vit` for every size and channel count. That model's forward
+returns the class token: the encoder's features when it was trained with ``pool="cls"``.
 
 The work is done on state dicts (:func:`encoder_state_dict`, :func:`export_encoder_state`), not on
 a checkpoint file, so any source of a full module state dict can be exported. ``--ckpt`` may be
@@ -34,7 +42,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from scale_ssl.methods import METHODS
-from scale_ssl.models import RESNET_ARCHITECTURES, build_resnet_encoder
+from scale_ssl.models import RESNET_ARCHITECTURES, build_encoder, build_resnet_encoder, is_vit_arch
+from scale_ssl.models.vit import TORCHVISION_VITS
 from scale_ssl.strategies.checkpoint_reader import read_checkpoint
 
 ENCODER_PREFIX = "encoder."
@@ -113,6 +122,16 @@ def resnet_source(module_class: str | None, hyper_parameters: Mapping) -> tuple[
     return source.prefix, options
 
 
+def vit_source(module_class: str | None, hyper_parameters: Mapping) -> dict | None:
+    """``arch``/``in_channels``/``encoder_options`` when the checkpoint's encoder is a ViT, else None."""
+    source = _RESNET_SOURCES.get(module_class or "", _ResNetSource())
+    arch = hyper_parameters.get(source.arch)
+    if not is_vit_arch(arch):
+        return None
+    return {"arch": arch, "in_channels": hyper_parameters.get(source.in_channels, 3),
+            "encoder_options": dict(hyper_parameters.get("encoder_options") or {})}
+
+
 def torchvision_resnet(arch: str, in_channels: int = 3, first_conv: bool = True, maxpool1: bool = True) -> ResNet:
     """A plain torchvision ResNet (random init) with the stem changes ``build_resnet_encoder``
     documents and ``fc = nn.Identity()``: what an exported encoder loads into with ``strict=True``."""
@@ -143,9 +162,16 @@ def export_encoder_state(
     The encoder is first loaded with ``strict=True`` into one rebuilt from ``hyper_parameters``, so a
     state dict that does not match the architecture fails here, not in the user's code later.
     """
-    prefix, options = resnet_source(module_class, hyper_parameters)
+    options = vit_source(module_class, hyper_parameters)
+    vit = options is not None
+    if vit:
+        prefix = ENCODER_PREFIX
+        encoder, feature_dim = build_encoder(options["arch"], in_channels=options["in_channels"],
+                                             options=options["encoder_options"], owner="export")
+    else:
+        prefix, options = resnet_source(module_class, hyper_parameters)
+        encoder, feature_dim = build_resnet_encoder(**options)
     state = encoder_state_dict(model_state_dict, prefix)
-    encoder, feature_dim = build_resnet_encoder(**options)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -158,15 +184,26 @@ def export_encoder_state(
     tmp = f"{out_path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out_path)  # never leave a half-written encoder under the final name
+    load = f"model.load_state_dict(torch.load({os.path.basename(out_path)!r}))"
+    if vit:
+        arch, channels = options["arch"], options["in_channels"]
+        if arch in TORCHVISION_VITS and channels == 3:
+            build = f"model = torchvision.models.{arch}(weights=None, image_size={encoder.image_size}); model.heads = torch.nn.Identity()"
+        else:
+            build = f"model = scale_ssl.models.torchvision_vit({arch!r}, in_channels={channels}, image_size={encoder.image_size})"
+        extra = {"image_size": encoder.image_size, "patch_size": encoder.patch_size, "pool": encoder.pool,
+                 "features": "the class token (torchvision's forward)" if encoder.pool == "cls" else
+                             "the mean of the patch tokens: torchvision's forward returns the class token instead"}
+    else:
+        build = (f"model = scale_ssl.eval.export.torchvision_resnet({options['arch']!r}, in_channels={options['in_channels']}, "
+                 f"first_conv={options['first_conv']}, maxpool1={options['maxpool1']})")
+        extra = {}
     description = {
         **options,
         "feature_dim": feature_dim,
         "num_tensors": len(state),
-        "load_with": (
-            f"model = scale_ssl.eval.export.torchvision_resnet({options['arch']!r}, in_channels={options['in_channels']}, "
-            f"first_conv={options['first_conv']}, maxpool1={options['maxpool1']}); "
-            f"model.load_state_dict(torch.load({os.path.basename(out_path)!r}))"
-        ),
+        **extra,
+        "load_with": f"{build}; {load}",
         **dict(metadata or {}),
     }
     with open(os.path.splitext(out_path)[0] + ".json", "w") as handle:

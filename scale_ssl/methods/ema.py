@@ -24,10 +24,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from scale_ssl.models.vit import disable_drop_path
+
 
 def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy whose parameters take no gradient (the EMA target)."""
-    target = copy.deepcopy(module)
+    """A deep copy whose parameters take no gradient (the EMA target). Stochastic depth is off in
+    the copy: a target/teacher runs its whole network (DINO builds its teacher without drop path)."""
+    target = disable_drop_path(copy.deepcopy(module))
     for p in target.parameters():
         p.requires_grad_(False)
     return target

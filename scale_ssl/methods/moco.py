@@ -37,7 +37,7 @@ from scale_ssl.losses import InfoNCEQueueLoss
 from scale_ssl.methods.ema import ema_step, frozen_copy
 from scale_ssl.methods.moco_queue import MoCoQueue
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
-from scale_ssl.models import build_resnet_encoder
+from scale_ssl.models import build_encoder
 from scale_ssl.trainer import SSLModule
 
 
@@ -52,7 +52,8 @@ class MoCoV2(SSLModule):
 
     Args:
         base_encoder: ResNet name (``resnet18``, ``resnet50``, ...; ``resnet10`` for CPU demos).
-        in_channels / first_conv / maxpool1: the encoder stem (see ``build_resnet_encoder``).
+        in_channels / first_conv / maxpool1 / encoder_options: the encoder (see ``build_encoder``; a ViT
+            ``vit_<size>_<patch>`` has no BatchNorm, so it needs ``shuffle_bn=False``).
         emb_dim: key/query size (128).
         num_negatives: K, the global queue length (65536); a multiple of the global batch.
         encoder_momentum: m of the momentum encoder (0.999).
@@ -84,6 +85,7 @@ class MoCoV2(SSLModule):
         warmup_epochs: float = 0,
         warmup_steps: int | None = None,
         final_lr: float = 0.0,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -92,10 +94,18 @@ class MoCoV2(SSLModule):
                            warmup_epochs=warmup_epochs, final_lr=final_lr)
         if not 0 <= encoder_momentum <= 1:
             raise ValueError(f"MoCoV2: encoder_momentum must be in [0, 1] (MoCo: 0.999), got {encoder_momentum!r}")
-        self.encoder, self.feature_dim = build_resnet_encoder(
-            base_encoder, in_channels=in_channels, first_conv=first_conv, maxpool1=maxpool1
-        )
+        self.encoder, self.feature_dim = build_encoder(base_encoder, in_channels=in_channels, first_conv=first_conv,
+                                                       maxpool1=maxpool1, options=encoder_options, owner="MoCoV2")
         self.projection = _moco_head(self.feature_dim, emb_dim, use_mlp)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in (*self.encoder.modules(), *self.projection.modules()))
+        if shuffle_bn and not sync_bn and not has_bn:
+            # Shuffling BN exists to hide the key batch's statistics from the key BatchNorm; with none
+            # in the key path it would gather and scatter every key image for an identical result.
+            raise ValueError(
+                f"MoCoV2: shuffle_bn=true guards the key encoder's BatchNorm, but {base_encoder!r} with this head has no "
+                "BatchNorm (a ViT normalises with LayerNorm, per image), so shuffling would only move every key image "
+                "between ranks for the same keys; set model.shuffle_bn=false"
+            )
         self.momentum_encoder = frozen_copy(self.encoder)
         self.momentum_projection = frozen_copy(self.projection)
         self.criterion = InfoNCEQueueLoss(softmax_temperature)

@@ -40,7 +40,7 @@ from scale_ssl.data import MultiCropViews
 from scale_ssl.losses import SwAVLoss
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.methods.swav_queue import SwAVQueue
-from scale_ssl.models import ProjectionHead, build_resnet_encoder
+from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.trainer import SSLModule
 
 _VIEW_OPTIONS = ("num_crops", "size_crops", "min_scale_crops", "max_scale_crops")
@@ -50,7 +50,8 @@ class SwAV(SSLModule):
     """SwAV with a torchvision ResNet encoder, an MLP projection and K prototypes.
 
     Args:
-        arch / in_channels / first_conv / maxpool1: the encoder (see ``build_resnet_encoder``).
+        arch / in_channels / first_conv / maxpool1 / encoder_options: the encoder (see ``build_encoder``: a
+            ResNet, or a ViT ``vit_<size>_<patch>``, whose position embedding is resized for local crops).
         hidden_mlp: hidden width of the projection MLP (0: a single linear layer); paper 2048.
         feat_dim: embedding size (paper: 128).
         num_prototypes: K (paper: 3000 on ImageNet).
@@ -95,6 +96,7 @@ class SwAV(SSLModule):
         epsilon: float = 0.05,
         momentum: float = 0.9,
         warmup_steps: int | None = None,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -108,9 +110,8 @@ class SwAV(SSLModule):
         for name, value in (("num_prototypes", num_prototypes), ("feat_dim", feat_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SwAV: {name} must be a positive int, got {value!r}")
-        self.encoder, self.feature_dim = build_resnet_encoder(
-            arch, in_channels=in_channels, first_conv=first_conv, maxpool1=maxpool1
-        )
+        self.encoder, self.feature_dim = build_encoder(arch, in_channels=in_channels, first_conv=first_conv,
+                                                       maxpool1=maxpool1, options=encoder_options, owner="SwAV")
         if hidden_mlp == 0:
             self.projection = nn.Linear(self.feature_dim, feat_dim)
         else:
