@@ -20,11 +20,11 @@ from scale_ssl.data import EvalTransform, ShardedImageStream
 from scale_ssl.data.sample_fields import require_labels
 from scale_ssl.data.supervised_transform import ClassifierTrainTransform
 from scale_ssl.eval.classifier import infer_feature_dim
-from scale_ssl.eval.eval_split import EvalSplit
+from scale_ssl.probes.eval_split import EvalSplit
 from scale_ssl.eval.finetune import finetune
 from scale_ssl.eval.linear_probe import linear_probe
 from scale_ssl.methods import METHODS
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.reader import read_checkpoint
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.seed import seed_everything

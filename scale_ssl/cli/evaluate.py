@@ -16,7 +16,7 @@ from scale_ssl.data.full_pass import full_pass_batches
 from scale_ssl.data.full_pass import load_labelled_index
 from scale_ssl.eval import extract_features, knn_accuracy, raw_pixel_features
 from scale_ssl.methods import METHODS
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.reader import read_checkpoint
 from scale_ssl.tracking import MLflowLogger
 
 

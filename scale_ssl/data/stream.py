@@ -89,10 +89,10 @@ from typing import Any, NamedTuple
 
 import PIL.Image
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from scale_ssl.collectives import default_collective
 from scale_ssl.data.sample_fields import AUTO, MissingLabelsError, SampleFields, check_label_key
 from scale_ssl.data.shard_index import ShardIndex
 from scale_ssl.data.shard_source import (
@@ -274,8 +274,9 @@ class ShardedImageStream:
             what that returns instead of a PIL image (decode errors count as corrupt samples).
         mode: ``"exact"`` (each sample at most once per epoch) or ``"resampled"``; see the
             module docstring.
-        rank, world_size: this process's place; both default to the initialised
-            ``torch.distributed`` group, or 0 and 1 without one.
+        rank, world_size: this process's place, given by the caller; both default to the place
+            ``scale_ssl.collectives.default_collective()`` reports (the initialised process
+            group, or 0 and 1 without one), re-read until the group exists.
         num_workers: DataLoader worker processes on this rank; must be the same on every rank.
         seed: the shard order of epoch ``e`` is a shuffle by ``seed + e``; sample order and
             augmentations are seeded by (seed, epoch, rank, worker, position).
@@ -992,9 +993,10 @@ class _EpochReader(IterableDataset):
 
 def _resolve_place(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None and world_size is None:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        # The process's place as the collectives layer knows it (the default process group, or a
+        # world of one): data never asks torch.distributed itself.
+        place = default_collective()
+        return place.rank, place.world_size
     if rank is None or world_size is None:
         raise ValueError(
             f"pass both rank and world_size or neither (to use torch.distributed), got "

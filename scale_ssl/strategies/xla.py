@@ -34,8 +34,8 @@ from torch import nn
 from scale_ssl.collectives import Collective
 from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
 from scale_ssl.strategies.base import Strategy
-from scale_ssl.strategies.checkpoint_io import save_checkpoint_file
-from scale_ssl.strategies.ddp import LaunchError
+from scale_ssl.checkpoint.files import save_checkpoint_file
+from scale_ssl.runtime import LaunchError
 
 ACCELERATORS = ("auto", "tpu", "cpu")
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from scale_ssl.collectives import Collective, default_collective
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.reader import read_checkpoint
 from scale_ssl.trainer.metrics import LoggedMetrics, LogOptions
 
 

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from scale_ssl.strategies import Strategy, build_strategy
-from scale_ssl.strategies.checkpoint_io import (
+from scale_ssl.strategies.step_settings import StepSettings
+from scale_ssl.checkpoint.files import (
     CHECKPOINT_FORMAT_VERSION,
     CorruptCheckpointError,
     checkpoint_candidates,
     load_checkpoint_file,
 )
-from scale_ssl.strategies.ddp import CollectiveFailure, is_collective_failure
+from scale_ssl.runtime import CollectiveFailure, is_collective_failure
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer.callback import Callback
 from scale_ssl.trainer.data_distribution import (
@@ -354,7 +355,9 @@ class Trainer:
         self._train_source = train_dataloaders
         self._datamodule = datamodule
         self.train_dataloader = None
-        self.strategy.trainer = self  # engines configured from the trainer's settings (DeepSpeed)
+        # Engines that step the optimizer themselves (DeepSpeed) are built from these settings.
+        self.strategy.configure_step(StepSettings(self.precision_name, self.accumulate_grad_batches,
+                                                  self.gradient_clip_val, self.gradient_clip_algorithm))
         self.channels_last = self._wants_channels_last(module)
         if self.channels_last:
             # Before the strategy wraps the module (DDP's gradient buckets follow the parameters'

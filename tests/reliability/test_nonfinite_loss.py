@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+from scale_ssl.checkpoint.files import load_checkpoint_file
 from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.trainer import NonFiniteLossError
 from tests.distributed import run_on_ranks
