@@ -13,8 +13,7 @@ import os
 
 from omegaconf import OmegaConf
 
-from scale_ssl.cli.evaluate import _config_for
-from scale_ssl.cli.fit import build_strategy_from_config, set_cpu_threads
+from scale_ssl.cli.assembly import build_strategy_from_config, config_for_checkpoint, set_cpu_threads
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.data import EvalTransform, ShardedImageStream
 from scale_ssl.data.sample_fields import require_labels
@@ -73,7 +72,7 @@ def _logger(config, checkpoint: dict, mode: str, rank: int):
 def run_classifier_eval(args, mode: str) -> dict[str, float]:
     """``mode``: ``"linear"`` (frozen encoder) or ``"finetune"`` (whole network)."""
     checkpoint = read_checkpoint(args.ckpt)
-    config = _config_for(args, checkpoint)
+    config = config_for_checkpoint(args, checkpoint)
     d, t = config.data, config.trainer
     if d.val_shards is None:
         raise ConfigError(f"data.val_shards is null: eval {mode} needs a test split to report top-1/top-5")

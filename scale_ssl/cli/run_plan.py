@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from scale_ssl.cli.assembly import build_strategy_from_config
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.methods import METHODS
 from scale_ssl.strategies.step_settings import StepSettings
@@ -135,8 +136,6 @@ def resolve_plan(config: DictConfig, world_size: int | None = None, config_path:
 def _check_strategy(config: DictConfig):
     """Build the strategy object as ``fit`` does (no process group, no device): its constructor
     checks the strategy's own options."""
-    from scale_ssl.cli.fit import build_strategy_from_config
-
     try:
         return build_strategy_from_config(config)
     except ValueError as err:

@@ -28,7 +28,7 @@ from scale_ssl.data import SimCLRViews
 from scale_ssl.data.patches import patch_grid_size
 from scale_ssl.losses import CPCTask
 from scale_ssl.methods.amdim import build_contrastive_task, drop_module_hparams
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import RESNET_ARCHITECTURES, build_resnet_encoder, is_vit_arch
 from scale_ssl.probes.online_evaluator import SSLOnlineEvaluator
 from scale_ssl.models.cpc_encoder import CPCEncoder, CPCPatchEncoder

@@ -27,8 +27,8 @@ def extract_features(
     ``all_gather(t, grad=False)`` concatenating along dim 0, e.g.
     :class:`scale_ssl.collectives.Collective`), the result holds every rank's rows in rank order,
     identical on all ranks. A gather needs the same number of rows on each rank; the data layer
-    guarantees it (every rank does the same number of steps of the same batch size, DESIGN.md
-    contract 5), and a mismatch raises on every rank rather than hanging.
+    guarantees it (every rank does the same number of steps of the same batch size,
+    docs/ARCHITECTURE.md contract 5), and a mismatch raises on every rank rather than hanging.
     """
     device = torch.device(device)
     previous_modes = {module: module.training for module in encoder.modules()}
