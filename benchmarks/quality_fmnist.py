@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from scale_ssl import Trainer  # noqa: E402
-from scale_ssl.cli.fit import build_train_stream  # noqa: E402
+from scale_ssl.cli.assembly import build_train_stream  # noqa: E402
 from scale_ssl.config import load_config  # noqa: E402
 from scale_ssl.data import EvalTransform, ShardedImageStream, make_fashion_mnist_shards  # noqa: E402
 from scale_ssl.data.supervised_transform import ClassifierTrainTransform  # noqa: E402

@@ -140,7 +140,7 @@ def test_dp_without_devices_is_a_clear_error(capsys, fmnist_shards, tmp_path):
 
 def test_every_multi_part_strategy_takes_the_default_global_batchnorm(fmnist_shards, tmp_path):
     """The configs default to global BN, and every strategy that splits a batch honours it."""
-    from scale_ssl.cli.fit import GLOBAL_BATCHNORM_STRATEGIES, build_strategy_from_config
+    from scale_ssl.cli.assembly import GLOBAL_BATCHNORM_STRATEGIES, build_strategy_from_config
 
     for strategy in GLOBAL_BATCHNORM_STRATEGIES:
         overrides = [*tiny_overrides(fmnist_shards, tmp_path, strategy=strategy), "trainer.devices=2"]

@@ -15,7 +15,7 @@ import sys
 from scale_ssl.config import ConfigError
 from scale_ssl.data.shard_source import ShardIndexMismatchError, ShardSourceError
 from scale_ssl.data.stream import DataCorruptionError
-from scale_ssl.strategies import LaunchError
+from scale_ssl.runtime import LaunchError
 
 EXIT_BAD_INPUT = 2
 

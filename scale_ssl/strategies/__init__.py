@@ -1,7 +1,9 @@
 """Strategy backends behind the one trainer."""
 
 from scale_ssl.strategies.base import Strategy
-from scale_ssl.strategies.ddp import ClusterEnvironment, DDPStrategy, LaunchError
+from scale_ssl.strategies.step_settings import StepSettings
+from scale_ssl.runtime import ClusterEnvironment, LaunchError
+from scale_ssl.strategies.ddp import DDPStrategy
 from scale_ssl.strategies.deepspeed import DeepSpeedStrategy
 from scale_ssl.strategies.dp import DPStrategy
 from scale_ssl.strategies.single import SingleDeviceStrategy
@@ -27,4 +29,4 @@ def build_strategy(strategy, **options) -> Strategy:
     return STRATEGIES[strategy](**options)
 
 
-__all__ = ["DeepSpeedStrategy", "DPStrategy", "Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "LaunchError", "XLAStrategy", "launch_xla", "STRATEGIES", "build_strategy"]
+__all__ = ["DeepSpeedStrategy", "DPStrategy", "Strategy", "SingleDeviceStrategy", "DDPStrategy", "ClusterEnvironment", "LaunchError", "XLAStrategy", "launch_xla", "STRATEGIES", "StepSettings", "build_strategy"]

@@ -166,7 +166,7 @@ class _NaNAtStep(Callback):
 def test_nonfinite_loss_on_xla_is_caught_at_the_log_interval_without_splitting_the_step():
     """On XLA the NaN flag stays on the device (no host read mid-step) and is read where metrics
     are: the run stops there with the steps named; 'skip' is refused."""
-    from scale_ssl.trainer.trainer import NonFiniteLossError
+    from scale_ssl.trainer.nonfinite_guard import NonFiniteLossError
     from tests.xla.models import TinyContrastiveModule
 
     g = torch.Generator().manual_seed(1)
