@@ -60,7 +60,7 @@ class FSDPStrategy(DDPStrategy):
         reshard_after_forward: free each unit's gathered parameters after its forward and gather
             them again in backward (ZeRO-3-like memory, one more all-gather per step); False
             keeps them until backward (ZeRO-2-like: less communication, more memory). The root
-            unit is always kept (FSDP2's own rule: it is gathered again right away).
+            unit (heads, prototypes) is always kept until backward.
         cpu_offload: keep the sharded parameters, gradients and optimizer state in CPU memory
             (``CPUOffloadPolicy``); the optimizer steps on the CPU.
         sync_batchnorm: global-batch BatchNorm (``GlobalBatchNorm``), on by default as for ddp.
@@ -107,7 +107,11 @@ class FSDPStrategy(DDPStrategy):
             if self.precision == "bf16-mixed" else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload else OffloadPolicy()
         for unit in fsdp_units(method):
-            fully_shard(unit, reshard_after_forward=self.reshard_after_forward, mp_policy=mixed, offload_policy=offload)
+            # The root (the method) stays gathered from its forward to its backward: its step's
+            # results are used right after the forward (training_step_end: losses, SwAV's queue
+            # scores against the prototypes) and backward would gather it again at once.
+            reshard = self.reshard_after_forward and unit is not method
+            fully_shard(unit, reshard_after_forward=reshard, mp_policy=mixed, offload_policy=offload)
         for name in FORWARD_METHODS:
             if callable(getattr(method, name, None)):
                 register_fsdp_forward_method(method, name)
@@ -131,6 +135,18 @@ class FSDPStrategy(DDPStrategy):
                 optimizer.use_sharded_tensors(lambda t: self.collective.all_reduce(t, op="sum"))
         self.optimizers = list(optimizers)
         return wrapped, optimizers
+
+    # -- the optimizer's copy of the weights: the sharded fp32 DTensors ------------------------
+    # ``master_parameters`` (inherited) returns the sharded parameters themselves: an EMA or a
+    # row-wise normalisation on them runs shard by shard. Writing compares and copies the local
+    # shards: a DTensor is a wrapper whose own ``data_ptr()`` says nothing about its storage (the
+    # base class's check would then skip every write, e.g. SwAV's prototype normalisation).
+    def write_master_parameters(self, params, values) -> None:
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                target, source = _local(p), _local(value.to(p.dtype))
+                if source.data_ptr() != target.data_ptr():
+                    target.copy_(source)
 
     # -- training --------------------------------------------------------------------------
     def no_backward_sync(self, wrapped: nn.Module, enabled: bool):
@@ -162,3 +178,8 @@ class FSDPStrategy(DDPStrategy):
         if self.module is None:  # not training (validate/test/predict from a checkpoint): full tensors
             return read_fsdp_checkpoint(path)
         return load_sharded_checkpoint(path, self.module, self.optimizers)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's rank-local shard (its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
