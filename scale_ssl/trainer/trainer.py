@@ -216,7 +216,16 @@ class Trainer:
             _check_int("trainer.fast_dev_run", fast_dev_run, minimum=0)
             fast_dev_batches = fast_dev_run
 
-        self.strategy = build_strategy(strategy, **(strategy_options or {}))
+        options = dict(strategy_options or {})
+        if strategy == "fsdp":  # FSDP casts parameters itself: it needs the run's precision
+            options.setdefault("precision", str(precision))
+        self.strategy = build_strategy(strategy, **options)
+        engine_precision = getattr(self.strategy, "precision", None)
+        if engine_precision is not None and engine_precision.replace("-true", "") != str(precision).replace("-true", ""):
+            raise ValueError(
+                f"trainer.precision={str(precision)!r} but the {self.strategy.name} strategy was built for precision "
+                f"{engine_precision!r}; build it with the trainer's precision (or pass the strategy by name)"
+            )
         if compile_model and self.strategy.name not in COMPILE_STRATEGIES:
             raise ValueError(
                 f"trainer.compile=true is supported with trainer.strategy in {COMPILE_STRATEGIES}, not "
