@@ -33,7 +33,8 @@ What N ranks must share with one process, and how it is kept here:
 The method's ``training_step`` (and validation/test/predict steps) run as FSDP forwards of the
 root (``register_fsdp_forward_method``): its parameters are gathered for the step and, as the
 root's, stay gathered until backward, so ``training_step_end`` (losses, SwAV's queue scores) reads
-them whole.
+them whole. An encoder's other entry points (AMDIM's ``feature_maps``, CPC's ``feature_grid``) are
+registered the same way on its unit.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch import nn
 from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
 from scale_ssl.strategies.ddp import DDPStrategy
 from scale_ssl.strategies.fsdp_checkpoint import load_sharded_checkpoint, read_fsdp_checkpoint, save_sharded_checkpoint
-from scale_ssl.strategies.fsdp_units import fsdp_units
+from scale_ssl.strategies.fsdp_units import entry_methods, fsdp_units, is_block
 from scale_ssl.strategies.sharded_clip import clip_sharded_grad_norm_, clip_sharded_grad_value_
 
 # Methods of the module that run as FSDP forwards (gather before, hooks for backward).
@@ -106,7 +107,9 @@ class FSDPStrategy(DDPStrategy):
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16-mixed" else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload else OffloadPolicy()
-        for unit in fsdp_units(method):
+        units = fsdp_units(method)
+        entries = {id(unit): entry_methods(unit) for unit in units if unit is not method and not is_block(unit)}
+        for unit in units:
             # The root (the method) stays gathered from its forward to its backward: its step's
             # results are used right after the forward (training_step_end: losses, SwAV's queue
             # scores against the prototypes) and backward would gather it again at once.
@@ -115,6 +118,9 @@ class FSDPStrategy(DDPStrategy):
         for name in FORWARD_METHODS:
             if callable(getattr(method, name, None)):
                 register_fsdp_forward_method(method, name)
+        for unit in units:
+            for name in entries.get(id(unit), ()):
+                register_fsdp_forward_method(unit, name)
         self.module = method
         return module
 

@@ -20,6 +20,8 @@ then acts on matching local shards, element by element, with no communication.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock
@@ -43,3 +45,18 @@ def fsdp_units(root: nn.Module) -> list[nn.Module]:
     # A block nested in a block (none in our models) would be sharded with its parent only.
     outer = [b for b in blocks if not any(b is not o and any(m is b for m in o.modules()) for o in blocks)]
     return [*outer, *encoders, root]
+
+
+def entry_methods(module: nn.Module) -> list[str]:
+    """Public methods of ``module``'s own classes (below ``nn.Module``) other than ``forward``:
+    the other ways a method calls an encoder (AMDIM's ``feature_maps``, CPC's ``feature_grid``,
+    the ViT's ``forward_tokens``). FSDP gathers a unit's parameters only around calls it knows,
+    so each of these is registered as a forward of its unit."""
+    names = []
+    for cls in type(module).__mro__:
+        if cls in nn.Module.__mro__:
+            break
+        for name, value in vars(cls).items():
+            if not name.startswith("_") and name != "forward" and inspect.isfunction(value) and name not in names:
+                names.append(name)
+    return names
