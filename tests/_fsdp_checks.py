@@ -15,7 +15,9 @@ GLOBAL = 12  # divisible by 1, 2, 3 and 4 ranks
 STEPS = 4
 
 
-def global_batches(count: int = STEPS, rows: int = GLOBAL) -> list:
+def global_batches(count: int = STEPS + 2, rows: int = GLOBAL) -> list:
+    """``count`` batches: two more than the steps, so the epoch is not over at the last step and
+    the step-2 checkpoint stays the ``.prev`` of the step-4 one."""
     g = torch.Generator().manual_seed(11)
     out = []
     for _ in range(count):
@@ -95,6 +97,10 @@ def two_rank_checks(rank: int, world: int, root: str) -> dict:
     out = {}
     module, trainer = fit(fsdp(), mine, os.path.join(root, "straight"), every=2)
     out["straight"] = state_of(module, trainer)
+    from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+
+    out["prev_step"] = load_checkpoint_file(os.path.join(root, "straight", "checkpoints", "last.ckpt.prev",
+                                                         "fsdp_meta.ckpt"))["global_step"]
     # last.ckpt holds step 4, its .prev step 2: resume from step 2, same world.
     prev = os.path.join(root, "straight", "checkpoints", "last.ckpt.prev")
     module, trainer = fit(fsdp(), mine, os.path.join(root, "resumed"), ckpt=prev)
@@ -121,7 +127,8 @@ def other_world_resume(rank: int, world: int, root: str) -> dict:
     module, trainer = fit(fsdp(), mine, os.path.join(root, f"w{world}-loaded"), steps=2, ckpt=prev)
     loaded = state_of(module, trainer)
     module, trainer = fit(fsdp(), mine, os.path.join(root, f"w{world}-continued"), ckpt=prev)
-    return {"loaded": loaded, "continued": state_of(module, trainer)} if rank == 0 else None
+    continued = state_of(module, trainer)  # a collective: every rank
+    return {"loaded": loaded, "continued": continued} if rank == 0 else None
 
 
 def one_process(root: str, accumulate: bool = False, clip: float | None = None) -> dict:

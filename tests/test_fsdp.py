@@ -31,6 +31,7 @@ def runs(tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_resume_same_world_is_bitwise(runs):
     _, two = runs
+    assert two["prev_step"] == 2  # resumed from the middle of the run
     straight, resumed = two["straight"], two["resumed"]
     assert set(straight) == set(resumed) and any(k.startswith("state:") for k in straight)
     different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
