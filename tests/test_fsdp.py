@@ -67,7 +67,7 @@ def test_accumulation_skips_the_reduce_scatter_and_stays_equal(runs, tmp_path):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("world", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_checkpoint_loads_on_another_world_size(runs, world):
     root, two = runs
     (other,) = [r for r in run_on_ranks(F.other_world_resume, world, root) if r is not None]

@@ -88,6 +88,7 @@ class FSDPStrategy(DDPStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
         self.module: nn.Module | None = None  # the method, sharded
+        self.module_class: str | None = None
         self.optimizers: list = []
 
     # -- set-up ----------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class FSDPStrategy(DDPStrategy):
                                             register_fsdp_forward_method)
 
         method = getattr(module, "module", module)
+        self.module_class = type(method).__name__  # fully_shard renames it FSDP<Class>
         if self.sync_batchnorm:
             # In place: GlobalBatchNorm takes over each BatchNorm's parameters and buffers.
             converted = convert_to_global_batchnorm(method, self.collective)
@@ -119,8 +121,8 @@ class FSDPStrategy(DDPStrategy):
             if callable(getattr(method, name, None)):
                 register_fsdp_forward_method(method, name)
         for unit in units:
-            for name in entries.get(id(unit), ()):
-                register_fsdp_forward_method(unit, name)
+            if entries.get(id(unit)):
+                _register_entries(unit, entries[id(unit)], register_fsdp_forward_method)
         self.module = method
         return module
 
@@ -178,6 +180,7 @@ class FSDPStrategy(DDPStrategy):
         """Loaded with the shards in ``load_checkpoint``."""
 
     def save_checkpoint(self, checkpoint: dict, path: str) -> None:
+        checkpoint = {**checkpoint, "module_class": self.module_class}  # the class users load, not FSDP's
         save_sharded_checkpoint(checkpoint, path, self.optimizers, self.is_global_zero, self.barrier)
 
     def load_checkpoint(self, path: str) -> dict:
@@ -189,3 +192,35 @@ class FSDPStrategy(DDPStrategy):
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's rank-local shard (its storage), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _register_entries(unit: nn.Module, names: list[str], register) -> None:
+    """Make each method in ``names`` an FSDP forward of ``unit``, outermost call only: a call
+    made from inside another (the ViT's ``forward`` calling ``forward_tokens``, CPC's
+    ``feature_maps`` calling ``feature_grid``) runs the plain method, or the inner call's
+    post-forward would free the gathered parameters while the outer one still computes."""
+    depth = [0]
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+
+    unit.register_forward_pre_hook(enter, prepend=True)
+    unit.register_forward_hook(leave, always_call=True)
+    for name in names:
+        plain = getattr(type(unit), name).__get__(unit)
+        register(unit, name)
+        hooked = getattr(unit, name)
+
+        def entry(*args, _plain=plain, _hooked=hooked, **kwargs):
+            if depth[0]:
+                return _plain(*args, **kwargs)
+            depth[0] += 1
+            try:
+                return _hooked(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        setattr(unit, name, entry)
