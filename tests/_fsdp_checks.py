@@ -60,8 +60,13 @@ class GradientsSeen(Callback):
 
 
 def fit(strategy, batches: list, root: str, steps: int = STEPS, ckpt: str | None = None, accumulate: int = 1,
-        clip: float | None = None, every: int = 0, callbacks=()):
+        clip: float | None = None, every: int = 0, callbacks=(), optimizer: str | None = None):
     module = E.build_module("simclr")
+    if optimizer is not None:  # LARS is blind to a gradient's scale: clipping is checked under SGD
+        from scale_ssl.trainer.seed import seed_everything
+
+        seed_everything(E.SEED)
+        module = type(module)(**{**E.module_config("simclr"), "optimizer": optimizer})
     trainer = Trainer(strategy=strategy, max_steps=steps, precision="32", logger=False, enable_progress_bar=False,
                       enable_checkpointing=True, checkpoint_every_n_steps=every, default_root_dir=root,
                       accumulate_grad_batches=accumulate, gradient_clip_val=clip, num_sanity_val_steps=0,
@@ -110,8 +115,10 @@ def two_rank_checks(rank: int, world: int, root: str) -> dict:
     seen = GradientsSeen(2)
     module, trainer = fit(fsdp(), micro, os.path.join(root, "accumulate"), accumulate=2, callbacks=[seen])
     out["accumulate"], out["accumulate_grads_seen"] = state_of(module, trainer), seen.seen
-    module, trainer = fit(fsdp(), mine, os.path.join(root, "clip"), clip=0.05)
+    module, trainer = fit(fsdp(), mine, os.path.join(root, "clip"), clip=0.05, optimizer="sgd")
     out["clip"] = state_of(module, trainer)
+    module, trainer = fit(fsdp(), mine, os.path.join(root, "noclip"), optimizer="sgd")
+    out["sgd_unclipped"] = state_of(module, trainer)
     module, trainer = fit(fsdp(cpu_offload=True), mine, os.path.join(root, "offload"))
     out["offload"] = state_of(module, trainer)
     module, trainer = fit(fsdp(reshard_after_forward=False), mine, os.path.join(root, "keep"))
@@ -136,7 +143,8 @@ def one_process(root: str, accumulate: bool = False, clip: float | None = None) 
         module, trainer = fit(SingleDeviceStrategy(accelerator="cpu"), global_batches(2 * STEPS, GLOBAL // 2), root,
                               accumulate=2)
     else:
-        module, trainer = fit(SingleDeviceStrategy(accelerator="cpu"), global_batches(), root, clip=clip)
+        module, trainer = fit(SingleDeviceStrategy(accelerator="cpu"), global_batches(), root, clip=clip,
+                              optimizer="sgd" if clip is not None else None)
     return state_of(module, trainer)
 
 
