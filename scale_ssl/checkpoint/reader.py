@@ -57,6 +57,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             "none registered: import scale_ssl.strategies, whose DeepSpeed backend registers its reader")
         raise ValueError(
             f"checkpoint {path!r} is a directory but not a DeepSpeed checkpoint (or other checkpoint directory) "
-            f"written by scale_ssl (known layouts: {known}); pass a .ckpt file or a DeepSpeed checkpoint directory"
+            f"written by scale_ssl (known layouts: {known}); pass a .ckpt file or a DeepSpeed or FSDP checkpoint directory"
         )
     return load_checkpoint_file(path)

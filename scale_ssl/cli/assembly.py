@@ -20,7 +20,7 @@ from scale_ssl.strategies import build_strategy
 
 # Strategies that normalise BatchNorm over the global batch when trainer.sync_batchnorm is true (the
 # default); a one-process run already normalises over its whole batch, so the flag changes nothing there.
-GLOBAL_BATCHNORM_STRATEGIES = ("ddp", "xla", "dp", "deepspeed")
+GLOBAL_BATCHNORM_STRATEGIES = ("ddp", "xla", "dp", "deepspeed", "fsdp")
 
 
 def build_strategy_from_config(config: DictConfig):
@@ -40,6 +40,14 @@ def build_strategy_from_config(config: DictConfig):
     elif t.strategy == "deepspeed":
         options.update(zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                        offload_parameters=t.offload_parameters, config=t.deepspeed_config)
+    elif t.strategy == "fsdp":
+        options.update(precision=t.precision, reshard_after_forward=t.fsdp_reshard_after_forward,
+                       cpu_offload=t.fsdp_cpu_offload, timeout_s=t.collective_timeout_s)
+    if t.strategy != "fsdp" and (not t.fsdp_reshard_after_forward or t.fsdp_cpu_offload):
+        raise ConfigError(
+            f"trainer.fsdp_reshard_after_forward / trainer.fsdp_cpu_offload are FSDP options and need "
+            f"trainer.strategy=fsdp (got {t.strategy!r}); remove them or set trainer.strategy=fsdp"
+        )
     return build_strategy(t.strategy, **options)
 
 

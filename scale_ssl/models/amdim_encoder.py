@@ -39,6 +39,8 @@ class ResidualConvBlock(nn.Module):
     """relu(norm(conv_k(x))) -> 1x1 conv, plus a shortcut: average-pooled to the output size and
     1x1-projected when the channels change."""
 
+    is_shard_block = True  # a unit of peak memory for sharding backends (strategies/fsdp_units.py)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, use_bn: bool):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=not use_bn)

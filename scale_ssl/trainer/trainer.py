@@ -185,7 +185,16 @@ class Trainer:
             max_consecutive_nonfinite=max_consecutive_nonfinite, compile_model=compile_model,
             channels_last=channels_last, use_distributed_sampler=use_distributed_sampler,
         )
-        self.strategy = build_strategy(strategy, **(strategy_options or {}))
+        options = dict(strategy_options or {})
+        if strategy == "fsdp":  # FSDP casts parameters itself: it needs the run's precision
+            options.setdefault("precision", str(precision))
+        self.strategy = build_strategy(strategy, **options)
+        engine_precision = getattr(self.strategy, "precision", None)
+        if engine_precision is not None and engine_precision.replace("-true", "") != str(precision).replace("-true", ""):
+            raise ValueError(
+                f"trainer.precision={str(precision)!r} but the {self.strategy.name} strategy was built for precision "
+                f"{engine_precision!r}; build it with the trainer's precision (or pass the strategy by name)"
+            )
         self.settings.check_strategy(self.strategy.name)
         self.run_config = run_config
         self.optim_recipe = optim_recipe
