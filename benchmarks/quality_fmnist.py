@@ -53,6 +53,7 @@ from scale_ssl.methods import METHODS  # noqa: E402
 from scale_ssl.models import build_resnet_encoder  # noqa: E402
 from scale_ssl.strategies import build_strategy  # noqa: E402
 from scale_ssl.trainer import Callback  # noqa: E402
+from scale_ssl.trainer.trainer import native_cpu_bf16  # noqa: E402
 
 ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam", "dino")
 
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", default=os.path.join(REPO, "data", "fashion-mnist"))
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "quality_fmnist"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--precision", default="auto",
+                        help="trainer.precision for every fit: 32, bf16-mixed, or auto (the configs' bf16-mixed where "
+                             "the CPU runs bf16 natively, fp32 where bf16 would be emulated and slower)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per encoder: checks the script runs")
     parser.add_argument("--skip-supervised", action="store_true",
                         help="leave out the supervised baseline (it costs one more budget); raw pixels and "
@@ -155,9 +159,13 @@ def main(argv=None) -> int:
         make_fashion_mnist_shards(shards, shard_size=5000, overwrite=True)
     budget_s = 60 * args.budget_minutes
 
-    # Smoke: small batches and no loader workers, so the 2 steps per encoder take seconds.
-    smoke_overrides = ["trainer.global_batch_size=64", "data.num_workers=0"] if args.smoke else []
-    base = _config("simclr", shards, args.out, smoke_overrides)
+    # Smoke: small batches and no loader workers, so the 2 steps per encoder take seconds; every run: --precision.
+    overrides = ["trainer.global_batch_size=64", "data.num_workers=0"] if args.smoke else []
+    if args.precision == "auto":
+        args.precision = None if native_cpu_bf16() else "32"
+    if args.precision is not None:
+        overrides.append(f"trainer.precision={args.precision}")
+    base = _config("simclr", shards, args.out, overrides)
     d = base.data
     view = EvalTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std))
     bank, test = EvalSplit(f"{shards}/train", view, 1024), EvalSplit(f"{shards}/test", view, 1024)
@@ -192,7 +200,7 @@ def main(argv=None) -> int:
         results["supervised encoder (same budget)"] = {**info, **_score("supervised", *feats, num_classes, args)}
 
     for method in methods:
-        config = _config(method, shards, os.path.join(args.out, method), smoke_overrides)
+        config = _config(method, shards, os.path.join(args.out, method), overrides)
         resolved = OmegaConf.to_container(config, resolve=True)
         strategy = build_strategy("single")
 
@@ -220,7 +228,7 @@ def main(argv=None) -> int:
 
     meta = {"smoke": args.smoke, "budget_minutes": args.budget_minutes, "steps": args.steps, "threads": args.threads,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "linear_epochs": args.linear_epochs, "knn_k": args.knn_k, "methods": methods,
+            "linear_epochs": args.linear_epochs, "knn_k": args.knn_k, "methods": methods, "precision": args.precision,
             "skip_supervised": args.skip_supervised}  # fmt: skip
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump({"meta": meta, "results": results}, handle, indent=2)

@@ -41,9 +41,10 @@ class FitSummary:
         if self.final_loss is not None:
             lines.append(f"  final loss      : {self.final_loss:.4f}")
         if self.images_per_s is not None:
-            overall = f" ({self.images_per_s_overall:.0f} over the whole fit, start-up included)" \
+            overall = f" ({self.images_per_s_overall:.1f} over the whole fit, start-up included)" \
                 if self.images_per_s_overall else ""
-            lines.append(f"  images/s        : {self.images_per_s:.0f} (median of the logged windows){overall}")
+            lines.append(f"  images/s        : {self.images_per_s:.1f} (median of the logged windows after the "
+                         f"first){overall}")
         return "\n".join(lines)
 
 
