@@ -92,14 +92,18 @@ def run_report(args) -> dict[str, dict[str, float]]:
         torch.manual_seed(config.trainer.seed)  # the fit's seed: the encoder's own starting point
         features[RANDOM_INIT] = encoder_features(method_cls(**dict(checkpoint.get("hyper_parameters", {}))).encoder)
 
+    names = _row_names(config, checkpoint)
+    print(f"scale-ssl eval report: features of {len(features)} representations in {time.perf_counter() - start:.0f} s",
+          flush=True)  # fmt: skip
     scores: dict[str, dict[str, float]] = {}
     for key, ((bank, bank_labels), (test, test_labels)) in features.items():
         knn = knn_accuracy(test, test_labels, bank, bank_labels, len(classes), k=e.knn_k, temperature=e.knn_temperature)
         scores[key] = {"knn_top1": knn, **probe_features((bank, bank_labels), (test, test_labels), len(classes),
                                                          seed=config.trainer.seed)}  # fmt: skip
+        print(f"  {names[key]}: kNN {100 * knn:.2f} %, linear {100 * scores[key]['linear_top1']:.2f} % "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     elapsed = time.perf_counter() - start
 
-    names = _row_names(config, checkpoint)
     table = format_report(scores, names)
     protocol = (f"kNN: k={e.knn_k}, T={e.knn_temperature}, cosine, weighted vote; linear probe: standardised frozen "
                 f"features, SGD momentum 0.9, lr {PROBE_LEARNING_RATE}, cosine, {PROBE_EPOCHS} epochs, batch "
