@@ -119,6 +119,7 @@ def test_torchrun_two_ranks_fit(fmnist_shards, tmp_path):
     # The config's default: BatchNorm over both ranks' samples, and the banner says so.
     assert "BatchNorm: global over the 2 ranks' 32 samples (trainer.sync_batchnorm=true)" in proc.stdout, proc.stdout
     assert "terminate called" not in proc.stderr  # ranks leave cleanly (strategies/ddp.py)
+    assert proc.stdout.count("scale_ssl fit: done, 3 steps") == 1, proc.stdout  # the summary: rank zero only
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["world_size"] == 2
     assert len(ckpt["rng_states"]) == 2

@@ -92,3 +92,11 @@ def config_for_checkpoint(args, checkpoint: dict):
     # "derived" holds what fit computed (world size, steps per epoch), not settings.
     stored = {k: v for k, v in stored.items() if k != "derived"}
     return load_config(None, args.overrides, base=stored)
+
+
+def load_split(source, transform, batch_size: int, label_key: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode a split once; every encoder (and the raw-pixel baseline) then reads the same tensors."""
+    from scale_ssl.data.full_pass import full_pass_batches
+
+    return [(images, labels) for images, labels in
+            full_pass_batches(source, transform, batch_size=batch_size, num_workers=1, label_key=label_key)]

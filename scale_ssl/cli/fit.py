@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scale_ssl.cli.assembly import build_strategy_from_config, build_train_stream, set_cpu_threads
+from scale_ssl.cli.fit_summary import FitClock
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.data.shard_source import ShardSourceError
 from scale_ssl.methods import METHODS
@@ -75,6 +76,7 @@ def run_fit(config: DictConfig):
         resolved["derived"].update(method_figures(resolved["model"], t.global_batch_size // t.accumulate_grad_batches))
     if resolved.get("optim"):
         resolved["derived"]["effective_lr"] = effective_lr(resolved["optim"].get("lr", 1e-3), t.global_batch_size)
+    clock = FitClock()
     logger = False
     if config.tracking.enabled:
         logger = MLflowLogger(
@@ -104,6 +106,7 @@ def run_fit(config: DictConfig):
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
         compile_model=t.compile,
         channels_last=t.channels_last,
+        callbacks=[clock],
     )
     if strategy.is_global_zero:
         d = resolved["derived"]
@@ -126,4 +129,5 @@ def run_fit(config: DictConfig):
     # Nothing after fit needs the group. After an error the strategy's exit hook destroys it
     # instead, once the traceback holding DDP's frames is released (strategies/ddp.py).
     strategy.teardown()
+    clock.print_summary(trainer, t.global_batch_size)
     return trainer, module

@@ -379,6 +379,17 @@ class MLflowLogger:
         with self._tolerating_outage("the metric plot"):
             self._plot_curves(keys, artifact_file)
 
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` pairs of metric ``key`` in this run, sorted by step: what MLflow holds
+        for a continued run (``run_id`` given), merged with this process's own values. Empty on
+        other ranks and while the server is unreachable."""
+        if self.rank != 0:
+            return []
+        with self._tolerating_outage("the metric history"):
+            self._ensure_run()
+            return self._metric_series(key)
+        return []
+
     def _plot_curves(self, keys: Sequence[str], artifact_file: str) -> None:
         self._ensure_run()
         series = {key: self._metric_series(key) for key in keys}
