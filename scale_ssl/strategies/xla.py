@@ -138,7 +138,7 @@ class XLAStrategy(Strategy):
         Not in the one-process emulation of several XLA:CPU devices (``PJRT_DEVICE=CPU`` with
         device threads, used only by tests): there a transfer thread that waits on a device busy
         in a collective holds the GIL the other device threads need to join that collective (see
-        ``../shared/XLA.md``), so batches are moved in the step instead, as by every strategy.
+        tests/xla/sync_shim.py), so batches are moved in the step instead, as by every strategy.
         """
         if not self.device_loader_enabled:
             return loader
