@@ -116,6 +116,13 @@ class SSLOnlineEvaluator(Callback):
             # the head one process would train on the concatenated batch.
             head = convert_to_global_batchnorm(head, collective)
         self.head = head.to(device)
+        if collective is not None and collective.world_size > 1:
+            # Every rank starts from rank 0's head, as every replica of the model starts from rank 0's
+            # weights: equal seeds alone do not guarantee it (XLA:CPU replicas are threads drawing
+            # from one host RNG; a run may seed its ranks differently).
+            with torch.no_grad():
+                for t in list(self.head.parameters()) + list(self.head.buffers()):
+                    t.copy_(collective.broadcast(t, src=0))
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         if self._pending_state is not None:
             self._load_head_state(self._pending_state)
@@ -162,11 +169,14 @@ class SSLOnlineEvaluator(Callback):
         loss.backward()
         self._average_gradients(trainer.strategy.collective)
         self.optimizer.step()
-        self._correct += int((logits.argmax(dim=1) == labels).sum())
+        # Counted on the device and read only at the logging interval, through the strategy's
+        # reduction: a host read every step would make XLA run the head's step as a program of its
+        # own, outside the training step.
+        self._correct = self._correct + (logits.argmax(dim=1) == labels).sum().float()
         self._seen += labels.shape[0]
         if trainer.global_step % self.log_every_n_steps == 0:
-            counts = torch.tensor([self._correct, self._seen], dtype=torch.float64, device=features.device)
-            counts = trainer.strategy.collective.all_reduce(counts, op="sum")
+            seen = torch.full((1,), float(self._seen), device=features.device)
+            counts = trainer.strategy.reduce(torch.cat([self._correct.reshape(1), seen]), op="sum")
             trainer.log_metrics({"online_train_acc": float(counts[0] / counts[1].clamp(min=1)),
                                  "online_train_loss": float(loss.detach())})  # fmt: skip
             self._correct = self._seen = 0

@@ -309,3 +309,67 @@ def test_xla_resnet_gradient_differs_from_cpu_only_through_relu_gates_at_roundin
     print(f"\nXLA vs float64 gradient: {flips} of {sum(g.numel() for g in xla_gates)} ReLU gates differ "
           f"(largest |pre-activation| among them: {max(ties, default=0):.1e} of the layer's largest); "
           f"worst tensor {own:.2e} ({own_where}) with float64's own gates, {gated:.2e} ({gated_where}) with XLA's")
+
+
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_amdim_encoder_traces_on_xla_without_host_fallbacks(image_size):
+    """AMDIM's shortcuts pool 7x7 maps to 5x5 (and a 32 px trunk pools 8 -> 7): torch_xla lowers
+    adaptive pooling only when the sizes divide and otherwise ran it on the host, which split every
+    training step into several programs. ``scale_ssl.models.adaptive_pool`` writes it as averaging
+    matrices; forward and backward must now trace with no op falling back to the host."""
+    import torch_xla
+
+    from scale_ssl.models.amdim_encoder import AMDIMEncoder
+
+    device = torch_xla.device()
+    encoder = AMDIMEncoder(1, image_size, 8, 16, 1, True).to(device)
+    met.clear_counters()
+    maps = encoder.feature_maps(torch.randn(4, 1, image_size, image_size).to(device))
+    sum(m.square().sum() for m in maps).backward()
+    torch_xla.sync()
+    fallbacks = [name for name in met.counter_names() if name.startswith("aten::")]
+    assert not fallbacks, f"ops run on the host mid-step: {fallbacks}"
+    assert [tuple(m.shape[-2:]) for m in maps] == [(1, 1), (5, 5), (7, 7)]
+
+
+class _HostOps(Callback):
+    """Counts what torch_xla ran on the host from the start of the first step to the end of the
+    last one (``aten::<op>`` counters: ops without an XLA lowering, and ``_local_scalar_dense``,
+    every device-to-host read of a value)."""
+
+    def __init__(self, last_step: int):
+        self.last_step, self.ops = last_step, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 0:
+            met.clear_counters()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.last_step:
+            self.ops = {n: met.counter_value(n) for n in met.counter_names() if n.startswith("aten::")}
+
+
+def _host_op_cells():
+    from tests.xla.recipe_matrix import METHOD_NAMES
+
+    for method in METHOD_NAMES:
+        # AMDIM (uneven adaptive pooling, logaddexp) and CPC v2 (Tensor.unfold, the online head's
+        # per-step accuracy read) ran ops on the host before; their small encoders compile fast.
+        marks = [] if method in ("amdim", "cpc_v2") else [pytest.mark.slow]
+        yield pytest.param(method, marks=marks, id=method)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("method", list(_host_op_cells()))
+def test_every_method_steps_on_xla_with_nothing_on_the_host(method):
+    """Each method as its fmnist_cpu.yaml builds it (tiny sizes; tests/xla/recipe_matrix.py), three
+    steps on one XLA device: no op falls back to the host and nothing is read back, so every step
+    is one compiled program (metrics are read only at the logging interval, here never)."""
+    from tests.xla import recipe_matrix as matrix
+
+    steps = 3
+    host_ops = _HostOps(steps)
+    trainer = Trainer(strategy=XLAStrategy(), max_steps=steps, logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, log_every_n_steps=1000, num_sanity_val_steps=0, callbacks=[host_ops])
+    trainer.fit(matrix.build_module(method), matrix.global_batches(method)[:steps])
+    assert host_ops.ops == {}, f"{method}: run on the host during the steps: {host_ops.ops}"
