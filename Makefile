@@ -10,6 +10,7 @@ XLA_VENV := .venv-xla
 XLA_PY := $(XLA_VENV)/bin/python
 XLA_STAMP := $(XLA_VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+MATE_PHOTOS := /usr/share/backgrounds/mate/nature
 SHELLCHECK := /usr/bin/shellcheck
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_CONFIG := configs/simclr/fmnist_cpu.yaml
@@ -45,7 +46,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_PYTHON ?= $(shell command -v python3.11 || echo $(PYTHON))
 # The issue's workload (ResNet-18, global batch 128 of 32 px); override for a quicker look, e.g.
 # make bench BENCH_ARGS="--global-batch 32 --repeats 3"
-BENCH_ARGS ?= --arch resnet18 --global-batch 128 --steps 3 --warmup 1 --repeats 2
+BENCH_ARGS ?= --suites rank1 rank2 rank4 --arch resnet18 --global-batch 128 --steps 3 --warmup 1 --repeats 2
 
 $(BENCH_STAMP): benchmarks/requirements-bench.txt pyproject.toml
 	test -x $(BENCH_PY) || $(BENCH_PYTHON) -m venv $(BENCH_VENV)
@@ -84,12 +85,22 @@ test-all: install xla-install $(FMNIST) $(SHELLCHECK)
 	$(PY) -m pytest -m "not xla" -q --durations=25
 	$(XLA_PY) -m pytest -m xla tests/xla -q --durations=25
 
-# The performance benchmarks (about an hour on 2 cores; not CI). Each rewrites its own tables in
-# docs/BENCHMARKS.md with the date, the machine (cores, CPU, load average) and its command line.
-bench: install $(BENCH_STAMP)
+# Real photographs for the augmentation benchmark (benchmarks/photos.py): Debian's mate-backgrounds.
+$(MATE_PHOTOS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq mate-backgrounds
+
+# The performance benchmarks (about an hour and a half on 2 idle cores; not CI). Each rewrites its
+# own tables in docs/BENCHMARKS.md with the date, the machine (cores, CPU, load average) and its
+# command line. The issue #20 benchmarks: (a)+(b) augment_throughput.py, (c) the pipeline suite of
+# fit_throughput_memory.py, (d) the step suite of trainer_overhead.py.
+bench: install $(BENCH_STAMP) $(MATE_PHOTOS) $(FMNIST)
+	$(BENCH_PY) benchmarks/augment_throughput.py --images 64 --repeats 3 --batch 32 --json runs/bench/augment_throughput.json --write-doc
+	$(BENCH_PY) benchmarks/trainer_overhead.py --suites step --arch resnet18 --global-batch 128 --steps 4 --warmup 1 --repeats 3 --json runs/bench/trainer_step.json --write-doc
 	$(BENCH_PY) benchmarks/trainer_overhead.py $(BENCH_ARGS) --json runs/bench/trainer_overhead.json --write-doc
 	$(BENCH_PY) benchmarks/trainer_overhead.py --profile $(BENCH_ARGS) --write-doc
 	$(PY) benchmarks/data_throughput.py --images 96 --repeats 3
+	$(PY) benchmarks/data_sources.py --images 384 --repeats 5 --workers 0 2
 	$(PY) benchmarks/fit_throughput_memory.py --batch 64 --steps 4 --warmup 2 --repeats 3 --json runs/bench/fit_throughput_memory.json --write-doc
 
 clean:

@@ -84,6 +84,30 @@ def train_one_epoch_on_rank(
     }
 
 
+def train_epochs_on_rank(rank: int, world_size: int, shard_dir: str, batch_size: int, num_workers: int, epochs: int):
+    """``train_one_epoch_on_rank`` for epochs ``0..epochs-1`` in one process group: per epoch the
+    steps of every rank (all-gathered), this rank's keys and the planned drop."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://")
+    stream = ShardedImageStream(shard_dir, batch_size, pixels_as_tensor, num_workers=num_workers, seed=7,
+                                return_keys=True, multiprocessing_context="fork")
+    per_epoch = []
+    for epoch in range(epochs):
+        stream.set_epoch(epoch)
+        keys, steps = [], 0
+        for images, labels, batch_keys in stream:
+            assert images.shape[0] == batch_size
+            dist.all_reduce(images.float().mean().reshape(1))  # a step's collective
+            keys.extend(batch_keys)
+            steps += 1
+        all_steps = [None] * world_size
+        dist.all_gather_object(all_steps, steps)
+        per_epoch.append({"steps": steps, "all_steps": all_steps, "len": len(stream), "keys": keys,
+                          "labels_seen": sorted(set(labels.tolist())), "dropped": stream.samples_dropped_per_epoch})
+    return per_epoch
+
+
 def play_epoch(shard_dir: str, options: dict, epoch: int, skip: int, state: dict | None, out_path: str):
     """Play one epoch of a fresh ``ShardedImageStream`` (SimCLR views of 28 px images) and save
     its batches to ``out_path``: what a resumed run does in its own process (``load_state_dict``,

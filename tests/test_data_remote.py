@@ -1,6 +1,7 @@
 """Shards over the network and through commands: a real HTTP server on 127.0.0.1 (Python's
 ``http.server``, and a deliberately flaky one), ``pipe:cat`` as the local stand-in for any
-``pipe:`` command, and the commands built for ``s3://`` and ``gs://`` (not run: no cloud here)."""
+``pipe:`` command, and how location strings resolve (object stores are tested against real
+servers in ``test_data_object_stores.py``)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def http_server(directory: Path, flaky: bool = False):
-    """A real HTTP server process serving ``directory``; yields its base URL; stopped by PID."""
-    if flaky:
-        command = [sys.executable, "-u", "-m", "tests._flaky_http_server", str(directory)]
+def http_server(directory: Path, flaky: bool = False, module: str | None = None):
+    """A real HTTP server process serving ``directory``; yields its base URL; stopped by PID.
+    ``module``: a test server module run as ``python -m module DIRECTORY`` instead."""
+    if flaky or module:
+        command = [sys.executable, "-u", "-m", module or "tests._flaky_http_server", str(directory)]
     else:
         command = [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(directory)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -113,12 +115,25 @@ def test_pipe_commands_stream_like_local_files_and_a_failing_command_is_named(se
         resolve_location("pipe:cat /data/shards.json")
 
 
-def test_cloud_locations_become_their_cli_commands():
+def test_location_forms_resolve_to_places_shards_and_urls():
     s3 = resolve_location("s3://my-bucket/imagenet train/shards.json")
-    assert s3.url("shard-000001.tar") == "pipe:aws s3 cp 's3://my-bucket/imagenet train/shard-000001.tar' -"
-    assert s3.url("shards.json") == "pipe:aws s3 cp 's3://my-bucket/imagenet train/shards.json' -"
+    assert (s3.kind, s3.base, s3.index_name) == ("s3", "s3://my-bucket/imagenet train", "shards.json")
+    assert s3.url("shard-000001.tar") == "s3://my-bucket/imagenet train/shard-000001.tar"
     gs = resolve_location("gs://bucket/in1k/")
-    assert gs.url("shard-000001.tar") == "pipe:gsutil cat gs://bucket/in1k/shard-000001.tar"
+    assert gs.url("shard-000001.tar") == "gs://bucket/in1k/shard-000001.tar" and gs.patterns is None
     assert resolve_location("https://h/x/").url("a b.tar") == "https://h/x/a%20b.tar"
+    braces = resolve_location("https://h/in1k/train-{000..002}.tar")
+    assert (braces.base, braces.patterns) == ("https://h/in1k", ("train-000.tar", "train-001.tar", "train-002.tar"))
+    nested = resolve_location("/data/{train,val}/s-{0..1}.tar")
+    assert nested.base == "/data" and nested.patterns == ("train/s-0.tar", "train/s-1.tar", "val/s-0.tar", "val/s-1.tar")
+    globbed = resolve_location("s3://b/laion/part-*/*.tar")
+    assert (globbed.base, globbed.patterns) == ("s3://b/laion", ("part-*/*.tar",))
+    index_file = resolve_location("/data/indexes/in1k-train.json")
+    assert (index_file.base, index_file.index_name) == ("/data/indexes", "in1k-train.json")
+    assert resolve_location("pipe:curl -sf 'https://h/a b/{name}'").url("s.tar") == "pipe:curl -sf 'https://h/a b/s.tar'"
     with pytest.raises(ValueError, match="unsupported shard location scheme 'ftp'"):
         resolve_location("ftp://h/x")
+    with pytest.raises(ValueError, match="globs do not work there"):
+        resolve_location("https://h/x/*.tar")
+    with pytest.raises(ValueError, match="names no bucket"):
+        resolve_location("s3:///x")

@@ -17,6 +17,7 @@ from scale_ssl.cli.evaluate import _config_for
 from scale_ssl.cli.fit import build_strategy_from_config, set_cpu_threads
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.data import EvalTransform, ShardedImageStream
+from scale_ssl.data.sample_fields import require_labels
 from scale_ssl.data.supervised_transform import ClassifierTrainTransform
 from scale_ssl.eval.classifier import infer_feature_dim
 from scale_ssl.eval.eval_split import EvalSplit
@@ -95,7 +96,9 @@ def run_classifier_eval(args, mode: str) -> dict[str, float]:
         transform=ClassifierTrainTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std),
                                            crop_scale=(args.crop_min_scale, 1.0)),
         num_workers=d.num_workers, seed=t.seed, shuffle_buffer=d.shuffle_buffer,
+        image_keys=list(d.image_keys) or None, label_key=d.label_key if d.label_key is not None else "auto",
     )  # fmt: skip
+    require_labels(train_stream.fields.label_key, str(d.train_shards), f"eval {mode} (it trains a classifier on the labels)")
     test_split = EvalSplit(d.val_shards, EvalTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std)),
                            batch_size=config.eval.batch_size, cache=False)  # fmt: skip
     test_data = test_split.batches(strategy.global_rank, strategy.world_size)

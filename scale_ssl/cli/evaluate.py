@@ -13,7 +13,7 @@ import torch
 from scale_ssl.config import ConfigError, load_config
 from scale_ssl.data import EvalTransform
 from scale_ssl.data.full_pass import full_pass_batches
-from scale_ssl.data.shard_index import ShardIndex
+from scale_ssl.data.full_pass import load_labelled_index
 from scale_ssl.eval import extract_features, knn_accuracy, raw_pixel_features
 from scale_ssl.methods import METHODS
 from scale_ssl.strategies.checkpoint_reader import read_checkpoint
@@ -31,9 +31,10 @@ def _config_for(args, checkpoint: dict):
     return load_config(None, args.overrides, base=stored)
 
 
-def _load_split(source, transform, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _load_split(source, transform, batch_size: int, label_key: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Decode a split once; every encoder (and the raw-pixel baseline) then reads the same tensors."""
-    return [(images, labels) for images, labels in full_pass_batches(source, transform, batch_size=batch_size, num_workers=1)]
+    return [(images, labels) for images, labels in
+            full_pass_batches(source, transform, batch_size=batch_size, num_workers=1, label_key=label_key)]
 
 
 def run_knn_eval(args) -> dict[str, float]:
@@ -44,15 +45,18 @@ def run_knn_eval(args) -> dict[str, float]:
     method_cls = METHODS[config.method]
     d, e = config.data, config.eval
     transform = EvalTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std))
-    num_classes = len(ShardIndex.load(d.train_shards).classes)
+    label_key = d.label_key if d.label_key is not None else "auto"  # kNN needs labels whatever pretraining used
+    bank_index, _, _ = load_labelled_index(d.train_shards, "kNN evaluation (the bank's labels vote)", label_key)
+    load_labelled_index(d.val_shards, "kNN evaluation (the scored split)", label_key)
+    num_classes = len(bank_index.classes)
     threads = torch.get_num_threads()
     # Features in the precision the model trained in (bf16 is 2x faster on this CPU); the
     # similarity and the vote are computed in fp32 by knn_accuracy.
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=str(config.trainer.precision) == "bf16-mixed")
 
     start = time.perf_counter()
-    bank_batches = _load_split(d.train_shards, transform, e.batch_size)
-    test_batches = _load_split(d.val_shards, transform, e.batch_size)
+    bank_batches = _load_split(d.train_shards, transform, e.batch_size, label_key)
+    test_batches = _load_split(d.val_shards, transform, e.batch_size, label_key)
     decode_s = time.perf_counter() - start
 
     def knn(bank, bank_labels, test, test_labels) -> float:

@@ -65,6 +65,8 @@ def build_train_stream(config: DictConfig, strategy, batch_size: int) -> Sharded
         retries=d.retries,
         retry_delay=d.retry_delay,
         io_timeout=d.io_timeout,
+        image_keys=list(d.image_keys) or None,
+        label_key=d.label_key,
     )
 
 
@@ -85,6 +87,12 @@ def run_fit(config: DictConfig):
         stream = build_train_stream(config, strategy, batch_size)
     except ShardSourceError as err:  # unreachable/mistyped shard URL at start-up: a one-line input error
         raise ConfigError(f"data.train_shards={config.data.train_shards!r}: {err}") from None
+
+    # data.augment_on=device: the loader's views are uint8 crops + parameters; the module finishes
+    # them on its device (SSLModule.on_after_batch_transfer runs this submodule; it holds no state).
+    device_augmentation = getattr(stream.transform, "device_augmentation", lambda: None)()
+    if device_augmentation is not None:
+        module.batch_augmentation = device_augmentation
 
     resolved["derived"] = {
         "world_size": strategy.world_size,
@@ -129,6 +137,7 @@ def run_fit(config: DictConfig):
         on_nonfinite_loss=t.on_nonfinite_loss,
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
         compile_model=t.compile,
+        channels_last=t.channels_last,
     )
     if strategy.is_global_zero:
         d = resolved["derived"]

@@ -1,7 +1,9 @@
-"""``scale-ssl`` / ``python -m scale_ssl``: fit, make-shards, eval.
+"""``scale-ssl`` / ``python -m scale_ssl``: fit, make-shards, index-shards, eval.
 
-Bad input (config keys, types, paths) ends with one line ``scale-ssl: error: ...`` and exit code
-2; set ``SCALE_SSL_TRACEBACK=1`` to see the traceback as well.
+Bad input (config keys, types, paths) and bad data (more damaged samples than
+``data.max_corrupt_fraction`` allows, an unreachable or stale shard set) end with one line
+``scale-ssl: error: ...`` and exit code 2; set ``SCALE_SSL_TRACEBACK=1`` to see the traceback as
+well.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 import sys
 
 from scale_ssl.config import ConfigError
+from scale_ssl.data.shard_source import ShardIndexMismatchError, ShardSourceError
+from scale_ssl.data.stream import DataCorruptionError
 from scale_ssl.strategies import LaunchError
 
 EXIT_BAD_INPUT = 2
@@ -34,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--root", default=None, help="Fashion-MNIST idx directory (default: the Debian package's)")
     shards.add_argument("--overwrite", action="store_true", help="replace existing shards")
     shards.add_argument("--skip-existing", action="store_true", help="do nothing if complete shards already exist")
+
+    from scale_ssl.cli.index_shards import add_parser as add_index_shards
+
+    add_index_shards(sub)
 
     plan = sub.add_parser("plan", help="resolve a config at a world size without launching: batch, steps, memory, communication")
     plan.add_argument("--config", required=True, help="YAML run config, e.g. configs/swav/imagenet_64gpu.yaml")
@@ -96,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from scale_ssl.cli.plan import run_plan
 
             run_plan(args)
+        elif args.command == "index-shards":
+            from scale_ssl.cli.index_shards import run_index_shards
+
+            run_index_shards(args)
         elif args.command == "make-shards":
             from scale_ssl.cli.make_shards import run_make_shards
 
@@ -112,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             from scale_ssl.cli.export import run_export
 
             run_export(args)
-    except (ConfigError, LaunchError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, LaunchError, FileNotFoundError, FileExistsError, ValueError,
+            DataCorruptionError, ShardIndexMismatchError, ShardSourceError) as err:
         if os.environ.get("SCALE_SSL_TRACEBACK"):
             raise
         print(f"scale-ssl: error: {err}", file=sys.stderr)

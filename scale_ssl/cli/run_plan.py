@@ -197,7 +197,7 @@ def _steps_per_epoch(config: DictConfig, batch: int, world: int) -> tuple[int, s
         total = int(p.num_samples)
         steps = total // (batch * world)
         dropped = total - steps * batch * world
-        source = f"plan.num_samples (shard index at {d.train_shards} not readable here; exact mode may drop a few more)"
+        source = f"plan.num_samples (shard index at {d.train_shards} not readable here; exact mode drops the same remainder)"
     else:
         raise ConfigError(
             f"cannot count steps per epoch: data.train_shards={d.train_shards!r} has no readable shards.json here "

@@ -94,6 +94,16 @@ def validate_config(config: DictConfig) -> None:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(d.crop_scale)}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    if d.augment_on not in ("cpu", "device"):
+        raise ConfigError(
+            f"data.augment_on must be 'cpu' (every op in the loader) or 'device' (the loader crops, the training "
+            f"device does the rest, batched), got {d.augment_on!r}"
+        )
+    if d.augment_on == "device" and t.strategy == "xla":
+        raise ConfigError(
+            "data.augment_on=device is not supported with trainer.strategy=xla: its per-op sample selections have "
+            "data-dependent shapes, which XLA would recompile every step; use data.augment_on=cpu"
+        )
     if d.mode not in ("exact", "resampled"):
         raise ConfigError(f"data.mode must be 'exact' (each sample at most once per epoch) or 'resampled', got {d.mode!r}")
     if not 0 <= d.max_corrupt_fraction <= 1:
@@ -101,6 +111,15 @@ def validate_config(config: DictConfig) -> None:
     for key in ("retries", "retry_delay", "io_timeout"):
         if d[key] < 0:
             raise ConfigError(f"data.{key} must be >= 0, got {d[key]}")
+    from scale_ssl.data.sample_fields import check_label_key
+
+    try:
+        check_label_key(d.label_key, "data.label_key")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key in d.image_keys:
+        if not key or not key.strip() or any(c in key for c in "./: "):
+            raise ConfigError(f"data.image_keys holds {key!r}; give member extensions such as [jpg, png, webp]")
     check_kwargs(METHODS[config.method], OmegaConf.to_container(config.model, resolve=True), section="model")
     if config.optim is not None:
         from scale_ssl.optim import OptimRecipe, RecipeError

@@ -50,6 +50,9 @@ class TrainerConfig:
     # torch.compile the method's encoder (single and ddp only). Off: compiling costs tens of
     # seconds at start, which short runs do not earn back (docs/BENCHMARKS.md "torch.compile").
     compile: bool = False
+    # Channels-last memory format for the model's convolutions: null (default) turns it on where it
+    # is faster (CUDA; bf16-mixed on a CPU with native bf16) under single/ddp; true/false force it.
+    channels_last: Optional[bool] = None
     # strategy=ddp: DistributedDataParallel(static_graph=True), valid when every step uses the
     # same parameters in the same order (no unused or conditionally used parameters, no frozen
     # schedule that changes mid-run); lets DDP skip per-step graph bookkeeping. Off by default.
@@ -72,6 +75,16 @@ class DataConfig:
     retries: int = 3
     retry_delay: float = 1.0
     io_timeout: float = 60.0
+    # Tar member extensions holding a sample's image, tried in order; empty: the index's
+    # image_key, then jpg, jpeg, png, webp, ... (scale_ssl/data/sample_fields.py).
+    image_keys: List[str] = field(default_factory=list)
+    # Where labels are: "auto" (what the shard index says), "cls", "json:<field>", or null: no
+    # labels (pretraining only; batches carry -1; evaluations that need labels refuse by name).
+    label_key: Optional[str] = "auto"
+    # Where the view augmentation runs: "cpu" (every op per sample in the loader) or "device" (the
+    # loader ships uint8 crops and per-sample parameters; colour jitter, grayscale, blur, solarize,
+    # flip and normalisation run batched on the training device). scale_ssl/data/transforms.py.
+    augment_on: str = "cpu"
     image_size: int = 28
     channels: int = 1
     mean: List[float] = field(default_factory=lambda: [0.2860])

@@ -16,7 +16,9 @@ from scale_ssl.data.shard_writer import (
     make_imagefolder_shards,
     write_image_shards,
 )
-from scale_ssl.data.shard_source import ShardSourceError, ShardTruncatedError, load_index, resolve_location
+from scale_ssl.data.sample_fields import MissingLabelsError, SampleFields
+from scale_ssl.data.shard_indexer import build_index
+from scale_ssl.data.shard_source import ShardSourceError, ShardTruncatedError, list_shards, load_index, resolve_location
 from scale_ssl.data.stream import (
     DataCorruptionError,
     EpochShardPlan,
@@ -25,7 +27,15 @@ from scale_ssl.data.stream import (
     ShardIndexMismatchError,
 )
 from scale_ssl.data.multicrop import MultiCropViews
-from scale_ssl.data.transforms import FMNIST_MEAN, FMNIST_STD, EvalTransform, SimCLRViews
+from scale_ssl.data.transforms import (
+    FMNIST_MEAN,
+    FMNIST_STD,
+    AugmentedViews,
+    BYOLViews,
+    EvalTransform,
+    SimCLRViews,
+)
+from scale_ssl.data.view_recipe import ViewRecipe
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -41,6 +51,10 @@ __all__ = [
     "make_fashion_mnist_shards",
     "make_imagefolder_shards",
     "write_image_shards",
+    "MissingLabelsError",
+    "SampleFields",
+    "build_index",
+    "list_shards",
     "ShardSourceError",
     "ShardTruncatedError",
     "load_index",
@@ -53,6 +67,9 @@ __all__ = [
     "FMNIST_MEAN",
     "FMNIST_STD",
     "EvalTransform",
+    "AugmentedViews",
     "SimCLRViews",
+    "BYOLViews",
     "MultiCropViews",
+    "ViewRecipe",
 ]

@@ -5,24 +5,23 @@ Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster A
 6 x 96 px crops of 5-14%, so the model learns to predict a global view's code from local views
 at little extra cost.
 
-Each crop gets SimCLR's augmentation (random resized crop at its own size and scale range,
-flip, colour jitter, optional grayscale and blur) from ``SimCLRViews``. The result is a tuple of
-``sum(num_crops)`` tensors, all crops of one resolution group next to each other (largest first
-by convention); the stream's collate stacks each position separately, so different sizes batch
-fine.
+Each crop gets SimCLR's augmentation at colour strength s (SwAV's ``get_color_distortion``:
+jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2), flip p=0.5 and gaussian blur
+p=0.5, sigma in [0.1, 2] (``view_recipe.simclr_recipe``), at its own size and scale range. The
+image is decoded once for all crops. The result is a tuple of ``sum(num_crops)`` views, all crops
+of one resolution group next to each other (largest first by convention); the stream's collate
+stacks each position separately, so different sizes batch fine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import PIL.Image
-import torch
-
-from scale_ssl.data.transforms import SimCLRViews
+from scale_ssl.data.transforms import AugmentedViews, _check_image_args
+from scale_ssl.data.view_recipe import simclr_recipe
 
 
-class MultiCropViews:
+class MultiCropViews(AugmentedViews):
     """``sum(num_crops)`` augmented crops of one image: ``num_crops[i]`` crops of ``size_crops[i]``
     pixels, each covering a random ``[min_scale_crops[i], max_scale_crops[i]]`` share of the area.
 
@@ -33,6 +32,7 @@ class MultiCropViews:
         min_scale_crops / max_scale_crops: crop area range per resolution, e.g. (0.14, 0.05) and
             (1.0, 0.14).
         jitter_strength / blur: colour-jitter strength and gaussian blur (None: only >= 64 px).
+        augment_on: ``"cpu"`` or ``"device"``, as for ``AugmentedViews``.
 
     Plain attributes only, so it pickles into DataLoader workers under any start method.
     """
@@ -49,6 +49,7 @@ class MultiCropViews:
         max_scale_crops: Sequence[float] = (1.0, 0.14),
         jitter_strength: float = 1.0,
         blur: bool | None = None,
+        augment_on: str = "cpu",
     ):
         lists = {"num_crops": num_crops, "size_crops": size_crops,
                  "min_scale_crops": min_scale_crops, "max_scale_crops": max_scale_crops}
@@ -66,22 +67,17 @@ class MultiCropViews:
                     f"MultiCropViews: each crop scale range needs 0 < min <= max <= 1, got min_scale_crops="
                     f"{list(min_scale_crops)} max_scale_crops={list(max_scale_crops)}"
                 )
+        for size in size_crops:
+            _check_image_args(size, channels, normalize_mean, normalize_std)
         self.num_crops = tuple(int(n) for n in num_crops)
         self.size_crops = tuple(int(s) for s in size_crops)
-        self.augmenters = [
-            SimCLRViews(
-                image_size=int(size), channels=channels, normalize_mean=normalize_mean, normalize_std=normalize_std,
-                crop_scale=(float(low), float(high)), jitter_strength=jitter_strength, blur=blur,
-            )
-            for size, low, high in zip(size_crops, min_scale_crops, max_scale_crops)
-        ]
-
-    def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, ...]:
-        crops = []
-        for count, augmenter in zip(self.num_crops, self.augmenters):
-            # A plain tensor: the tv_tensors.Image wrapper only slows the ops that follow.
-            crops.extend(augmenter.augment(image).as_subclass(torch.Tensor) for _ in range(count))
-        return tuple(crops)
+        recipes = []
+        for count, size, low, high in zip(self.num_crops, self.size_crops, min_scale_crops, max_scale_crops):
+            use_blur = size >= 64 if blur is None else blur
+            recipe = simclr_recipe(size, jitter_strength, crop_scale=(float(low), float(high)), blur=use_blur)
+            recipes += [recipe] * count
+        super().__init__(recipes, channels, normalize_mean, normalize_std, augment_on=augment_on)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_crops={self.num_crops}, size_crops={self.size_crops})"
+        return (f"{type(self).__name__}(num_crops={self.num_crops}, size_crops={self.size_crops}, "
+                f"augment_on={self.augment_on!r}, views=[{', '.join(r.short_repr() for r in self.recipes)}])")

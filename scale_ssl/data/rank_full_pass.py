@@ -15,16 +15,17 @@ how many rows are real).
 
 from __future__ import annotations
 
-import io
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import PIL.Image
 import torch
 from torch.utils.data import default_collate
 
+from scale_ssl.data.full_pass import check_count, decode_labelled, load_labelled_index, raise_on_damage
+from scale_ssl.data.sample_fields import AUTO
 from scale_ssl.data.shard_index import ShardIndex
 from scale_ssl.data.shard_source import iter_shard_samples, load_index, resolve_location
 
@@ -55,6 +56,8 @@ def rank_full_pass_batches(
     rank: int = 0,
     world_size: int = 1,
     batch_size: int = 512,
+    label_key: str | None = AUTO,
+    image_keys: Sequence[str] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(transform(images), labels)`` batches of this rank's slice of ``source``, in index
     order, with a partial last batch. A rank whose slice is empty yields nothing.
@@ -64,7 +67,7 @@ def rank_full_pass_batches(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"rank_full_pass_batches: batch_size must be an int >= 1, got {batch_size!r}")
-    index, urls = load_shard_index(source)
+    index, urls, fields = load_labelled_index(source, "evaluation", label_key, image_keys)
     start, stop, _ = rank_slice(index.num_samples, rank, world_size)
     batch: list[tuple[Any, int]] = []
     shard_start = 0
@@ -73,27 +76,18 @@ def rank_full_pass_batches(
         if shard_stop <= start or shard_start >= stop:
             shard_start = shard_stop
             continue
-        for position, (key, members) in enumerate(iter_shard_samples(url), start=shard_start):
-            if position >= stop:
-                break
-            if position < start:
-                continue
-            batch.append(_decode(members, index.image_key, transform, url, key))
+        # Only this rank's samples are read: the ones before its slice are passed over undecoded.
+        first = max(start - shard_start, 0)
+        samples = iter_shard_samples(url, skip=first, limit=min(stop, shard_stop) - shard_start - first,
+                                     on_damage=raise_on_damage(url))
+        read = 0
+        for key, members in samples:
+            batch.append(decode_labelled(members, fields, transform, url, key))
+            read += 1
             if len(batch) == batch_size:
                 yield default_collate(batch)
                 batch = []
+        check_count(url, read, min(stop, shard_stop) - shard_start - first)
         shard_start = shard_stop
     if batch:
         yield default_collate(batch)
-
-
-def _decode(members: dict[str, bytes], image_key: str, transform, url: str, key: str) -> tuple[Any, int]:
-    try:
-        with PIL.Image.open(io.BytesIO(members[image_key])) as image:
-            image.load()
-            return transform(image), int(members["cls"])
-    except Exception as error:
-        raise ValueError(
-            f"sample {key!r} of shard {url} cannot be read for evaluation ({type(error).__name__}: {error}); "
-            f"rewrite the shard with scale-ssl make-shards"
-        ) from error

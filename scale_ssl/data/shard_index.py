@@ -1,17 +1,33 @@
-"""``shards.json``: the index that sits beside a directory of webdataset tar shards.
+"""``shards.json``: the index of a set of webdataset tar shards.
 
 The index is what lets every rank plan an epoch without reading a tar or talking to another
 rank: it lists each shard with its exact sample count, so the stream can compute, from the file
 alone, how many full batches each rank and worker will produce (contract 5: equal steps per
-rank). Shard names are stored relative to the index, so a shard directory can be moved or copied
-as a whole.
+rank) and which samples of which shard each of them reads. Shard names are stored relative to the
+index, so a shard directory can be moved or copied as a whole.
+
+Format (``format_version`` 1; the fields marked optional were added later and are ignored by
+readers that do not know them, so every index stays readable by every version):
+
+- ``num_samples``, ``classes``, ``image_key`` (the most common image member extension),
+  ``source`` (what wrote it);
+- ``shards``: ``[{"name", "num_samples", "bytes", "offsets"?}]``. ``offsets`` (optional) is the
+  byte offset of every sample's first tar record, in order: a reader that owns samples
+  ``[a, b)`` of a shard opens it at ``offsets[a]`` and stops at ``offsets[b]``
+  (``scale-ssl index-shards`` and the shard writer record them);
+- ``label_key`` (optional): where a sample's label is: ``"cls"`` (a member holding the integer,
+  or a class name listed in ``classes``), ``"json:<field>"`` (a field of the ``.json`` member),
+  or ``null`` for unlabelled shards. Absent: ``"cls"`` (the only form older writers made);
+- ``base`` (optional): where the shards are, when the index is not beside them: an absolute path
+  or a URL (``http(s)://``, ``s3://``, ``gs://``) that shard names are relative to.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,11 +37,19 @@ INDEX_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One tar shard: its file name relative to the index, its sample count and its size."""
+    """One tar shard: its file name relative to the index (or to ``base``), its sample count, its
+    size, and optionally the byte offset of every sample's first tar record."""
 
     name: str
     num_samples: int
     bytes: int
+    offsets: tuple[int, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": self.name, "num_samples": self.num_samples, "bytes": self.bytes}
+        if self.offsets is not None:
+            entry["offsets"] = list(self.offsets)
+        return entry
 
 
 @dataclass
@@ -42,6 +66,8 @@ class ShardIndex:
     source: str
     num_samples: int = -1
     format_version: int = INDEX_FORMAT_VERSION
+    label_key: str | None = "cls"
+    base: str | None = None
     directory: Path | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -58,34 +84,57 @@ class ShardIndex:
     def num_shards(self) -> int:
         return len(self.shards)
 
+    @property
+    def labelled(self) -> bool:
+        return self.label_key is not None
+
     def urls(self) -> list[str]:
-        """Full path of every shard, in index order (needs an index loaded from or saved to disk)."""
+        """Where every shard is, in index order: ``base`` joined with its name, or the index's own
+        directory when there is no ``base`` (then the index must have been loaded or saved)."""
+        if self.base is not None:
+            base = self.base
+            if not _is_url(base) and not os.path.isabs(base) and self.directory is not None:
+                base = str(self.directory / base)
+            return [join_location(base, shard.name) for shard in self.shards]
         if self.directory is None:
             raise ValueError(
                 "this ShardIndex has no directory yet: load it with ShardIndex.load(...) or write "
                 "it with index.save(directory) before asking for shard urls"
             )
-        return [str(self.directory / shard.name) for shard in self.shards]
+        return [join_location(str(self.directory), shard.name) for shard in self.shards]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        raw = {
             "format_version": self.format_version,
             "num_samples": self.num_samples,
             "classes": list(self.classes),
             "image_key": self.image_key,
+            "label_key": self.label_key,
             "source": self.source,
-            "shards": [asdict(shard) for shard in self.shards],
         }
+        if self.base is not None:
+            raw["base"] = self.base
+        raw["shards"] = [shard.to_json() for shard in self.shards]
+        return raw
+
+    def to_bytes(self) -> bytes:
+        # One field, and one shard, per line: readable, and diffs of a re-index stay small.
+        fields = [f" {json.dumps(key)}: {json.dumps(value)}," for key, value in self.to_json().items() if key != "shards"]
+        shards = ",\n  ".join(json.dumps(shard.to_json(), separators=(",", ":")) for shard in self.shards)
+        return ("{\n" + "\n".join(fields) + f'\n "shards": [\n  {shards}\n ]\n}}\n').encode()
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``directory/shards.json`` and remember ``directory``; returns the file's path."""
-        directory = Path(directory)
-        path = directory / INDEX_FILENAME
+        return self.write(Path(directory) / INDEX_FILENAME)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the index to the file ``path`` (any name) and remember its directory."""
+        path = Path(path)
         # Written through a temporary name so a reader never sees half an index.
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(self.to_bytes())
         os.replace(partial, path)
-        self.directory = directory
+        self.directory = path.parent
         return path
 
     @classmethod
@@ -99,13 +148,13 @@ class ShardIndex:
         if "://" in str(path_or_dir):
             raise ValueError(
                 f"ShardIndex.load takes a local directory or shards.json path, got {path_or_dir!r}; "
-                f"copy remote shards to local disk first"
+                f"read remote indexes with scale_ssl.data.load_index"
             )
         path = given / INDEX_FILENAME if given.is_dir() else given
         if not path.is_file():
             hint = (
-                f"{given} has no {INDEX_FILENAME}: is it a shard directory written by "
-                f"write_image_shards or make_fashion_mnist_shards?"
+                f"{given} has no {INDEX_FILENAME}: index its shards with "
+                f"`scale-ssl index-shards {given}`"
                 if given.is_dir()
                 else f"{given} does not exist"
             )
@@ -116,7 +165,7 @@ class ShardIndex:
             raise ValueError(f"shard index {path} is not valid JSON: {error}") from None
         index = cls._from_json(raw, path)
         index.directory = path.parent
-        missing = [url for url in index.urls() if not os.path.isfile(url)]
+        missing = [url for url in index.urls() if not _is_url(url) and not os.path.isfile(url)]
         if missing:
             raise FileNotFoundError(
                 f"shard index {path} lists {len(missing)} shard(s) missing on disk, first: "
@@ -140,7 +189,7 @@ class ShardIndex:
     def _from_json(cls, raw: Any, path: Path | str) -> ShardIndex:
         def malformed(problem: str) -> ValueError:
             return ValueError(
-                f"shard index {path} is malformed: {problem}; re-write it with write_image_shards"
+                f"shard index {path} is malformed: {problem}; re-write it with scale-ssl index-shards"
             )
 
         if not isinstance(raw, dict):
@@ -162,6 +211,12 @@ class ShardIndex:
                 raise malformed(f"{key!r} is missing or not a {kind.__name__}")
         if not all(isinstance(name, str) for name in raw["classes"]):
             raise malformed("'classes' must be a list of strings")
+        label_key = raw.get("label_key", "cls")
+        if label_key is not None and not isinstance(label_key, str):
+            raise malformed(f"'label_key' must be a string or null, got {label_key!r}")
+        base = raw.get("base")
+        if base is not None and (not isinstance(base, str) or not base):
+            raise malformed(f"'base' must be a non-empty string (a path or URL), got {base!r}")
         shards = []
         for position, entry in enumerate(raw["shards"]):
             if (
@@ -177,7 +232,13 @@ class ShardIndex:
             name = PurePosixPath(entry["name"])
             if name.is_absolute() or ".." in name.parts:
                 raise malformed(f"shards[{position}] name {entry['name']!r} leaves the directory")
-            shards.append(ShardInfo(entry["name"], entry["num_samples"], entry["bytes"]))
+            offsets = entry.get("offsets")
+            if offsets is not None:
+                problem = _offsets_problem(offsets, entry["num_samples"], entry["bytes"])
+                if problem:
+                    raise malformed(f"shards[{position}] ({entry['name']}) 'offsets' {problem}")
+                offsets = tuple(offsets)
+            shards.append(ShardInfo(entry["name"], entry["num_samples"], entry["bytes"], offsets))
         names = [shard.name for shard in shards]
         if len(set(names)) != len(names):
             raise malformed("a shard is listed twice")
@@ -189,6 +250,8 @@ class ShardIndex:
                 source=raw["source"],
                 num_samples=raw["num_samples"],
                 format_version=version,
+                label_key=label_key,
+                base=base,
             )
         except ValueError as error:
             raise malformed(str(error)) from None
@@ -196,3 +259,30 @@ class ShardIndex:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _offsets_problem(offsets: Any, num_samples: int, size: int) -> str | None:
+    if not isinstance(offsets, list) or len(offsets) != num_samples:
+        return f"must be a list of num_samples={num_samples} integers"
+    previous = -1
+    for offset in offsets:
+        if not _is_count(offset) or offset % 512 or offset <= previous or offset >= max(size, 1):
+            return (
+                "must be increasing multiples of 512 below the shard's size in bytes; "
+                "re-run scale-ssl index-shards"
+            )
+        previous = offset
+    return None
+
+
+def _is_url(location: str) -> bool:
+    return location.split("://", 1)[0].lower() in ("http", "https", "s3", "gs") and "://" in location
+
+
+def join_location(base: str, name: str) -> str:
+    """``name`` (a relative POSIX path) inside ``base`` (a directory or a URL prefix)."""
+    if _is_url(base):
+        if base.lower().startswith(("http://", "https://")):
+            return f"{base.rstrip('/')}/{urllib.parse.quote(name)}"
+        return f"{base.rstrip('/')}/{name}"
+    return os.path.join(base, name)

@@ -162,14 +162,14 @@ def _write_tars(samples, staging: Path, shard_size, num_classes, image_format, p
     shards: list[ShardInfo] = []
     seen_keys: set[str] = set()
     extensions: Counter = Counter()
-    writer, name, count, size = None, "", 0, 0
+    writer, name, count, size, offsets = None, "", 0, 0, []
     # An integer mtime: with a float one, tarfile puts a PAX header before every member, which
     # doubled the tar size and the write time of Fashion-MNIST.
     mtime = int(time.time())
 
     def finish_shard():
         writer.close()
-        shards.append(ShardInfo(name, count, os.path.getsize(staging / name)))
+        shards.append(ShardInfo(name, count, os.path.getsize(staging / name), tuple(offsets)))
 
     try:
         for position, sample in enumerate(samples):
@@ -182,8 +182,11 @@ def _write_tars(samples, staging: Path, shard_size, num_classes, image_format, p
                 finish_shard()
                 writer = None
             if writer is None:
-                name, count, size = f"{prefix}-{len(shards):06d}.tar", 0, 0
+                name, count, size, offsets = f"{prefix}-{len(shards):06d}.tar", 0, 0, []
                 writer = wds.TarWriter(str(staging / name), mtime=mtime)
+            # Where this sample's first tar record starts: readers that own part of the shard
+            # open it there (the index's "offsets").
+            offsets.append(writer.tarstream.offset)
             writer.write({"__key__": key, extension: image, "cls": label})
             extensions[extension] += 1
             count += 1

@@ -6,21 +6,26 @@ work: shards differ in size, there may be more readers (ranks × DataLoader work
 and each reader drops its own last partial batch. So the stream plans each epoch from the shard
 index alone, identically on every rank and with no communication. Two modes:
 
-**exact** (``EpochShardPlan``): every sample at most once per epoch.
+**exact** (``EpochShardPlan``): every sample at most once per epoch, and fewer than
+``world_size x batch_size`` samples left out, however uneven the shards are.
 
 1. The epoch's shard order is ``random.Random(seed + epoch).shuffle`` of the index order (the
-   same on every rank).
-2. Shard ``i`` of that order goes to rank ``i % world_size``; a rank's ``j``-th shard goes to its
-   reader (DataLoader worker) ``j % num_workers``. Reader (r, w) therefore holds a known n_{r,w}
-   samples and can make floor(n_{r,w} / batch_size) full batches.
-3. ``steps_per_epoch = min over ranks r of sum over workers w of floor(n_{r,w} / batch_size)``.
-   Each rank deals exactly that many batches to its workers, one at a time round-robin over the
-   workers that can still make one, and yields exactly ``steps_per_epoch`` batches.
+   same on every rank). Laid end to end in that order, the shards' samples form the epoch's
+   sequence of ``N`` samples.
+2. ``steps_per_epoch = N // (world_size * batch_size)``. Each rank's steps are dealt over its
+   readers (DataLoader workers) as evenly as possible, ``q_w`` batches for worker ``w``, and
+   reader (rank r, worker w) owns the next ``q_w * batch_size`` samples of the sequence (readers
+   in rank-major order). A reader's share is therefore a run of whole shards plus, at either
+   end, part of a shard: shards are split at *sample* granularity, using the index's counts.
+3. A reader opens each shard of its share at its first owned sample and stops after its last:
+   when the index records sample offsets (``scale-ssl index-shards`` writes them) it seeks there
+   (a range request for remote shards) and stops at the next reader's offset; otherwise it
+   reads from the start and passes over the samples it does not own without decoding them.
 
-   ``samples_dropped_per_epoch = num_samples - steps_per_epoch * batch_size * world_size``
-   samples are not read that epoch (which ones changes with the shuffle). More readers than
-   shards is allowed: a reader without a shard gets no batches; only when some rank cannot make
-   one full batch is there an error, which says what to change.
+   ``samples_dropped_per_epoch = N - steps_per_epoch * batch_size * world_size`` (< world_size
+   x batch_size) samples, the end of the epoch's sequence, are not read that epoch (which ones
+   changes with the shuffle). Every rank yields exactly ``steps_per_epoch`` batches, whatever
+   the number of shards or workers; only ``N < world_size * batch_size`` is an error.
 
 **resampled** (``ResampledShardPlan``): each reader draws shards with replacement (probability
 proportional to their sample counts) from its own seeded generator, forever, like webdataset's
@@ -29,7 +34,8 @@ every rank (webdataset's ``with_epoch``). Samples can repeat within an epoch; ra
 
 **Order, augmentation and resume.** Within a reader, samples pass a shuffle buffer seeded by
 (seed, epoch, rank, worker). Because that shuffle only depends on sample *counts*, the reader
-computes its whole epoch order as positions ``(shard draw, member index)`` from the index, before
+computes its whole epoch order as positions ``(draw, member index)`` from the index (a draw is
+one part of a shard the reader reads: its share of a shard in exact mode), before
 reading a byte; batch ``j`` of a reader is positions ``[j*B, (j+1)*B)`` of that order. Each
 sample's augmentation runs under the global torch / ``random`` RNGs seeded from (seed, epoch,
 rank, worker, position) (saved and restored around the call, so the main process's RNG is left
@@ -37,22 +43,31 @@ as it was with ``num_workers=0``). A batch is therefore a pure function of (seed
 worker, j) and the bytes on disk. ``skip_batches(n)`` (mid-epoch resume) works out which of the
 rank's batches the first ``n`` were (the DataLoader takes them round-robin over the workers) and
 each reader starts after its own: positions already consumed are not decoded, shards whose every
-sample was consumed are not even opened, and a shard that was half consumed is read from its
+sample was consumed are not even opened, and a part that was half consumed is read from its
 start and its consumed samples thrown away undecoded (``resume_samples_reread``). Resume is
 therefore exact to the sample: the remaining batches are bitwise those of an uninterrupted run
 and no sample is seen twice, provided world size, workers, batch size, mode and shuffle buffer
 are unchanged (otherwise the rest of the epoch is played under the new plan; see
 ``skip_batches``).
 
-**Corrupt data.** A sample that fails to decode, or that is missing because its shard is
-truncated or shorter than the index says, leaves its slot in the batch empty; the slot is
-filled with a copy of another sample of the same batch (augmented with the slot's own seed), or
-of the reader's previous batch when none of this batch is usable, so batch shapes, step counts
-and resume positions do not depend on decoding. Every such sample is
-counted (``epoch_stats()``); once a rank's count in an epoch exceeds ``max_corrupt_fraction`` of
-the samples it reads that epoch, it raises ``DataCorruptionError`` naming the shards. Two
-consecutive batches of a reader with no usable sample are an error whatever the fraction. A shard holding *more*
-samples than the index lists raises ``ShardIndexMismatchError`` (the index is stale).
+**Labels and keys.** Labels are optional: ``label_key`` (default: what the index says) reads them
+from a ``cls`` member or a ``json`` field; an unlabelled set streams with label ``-1`` for
+pretraining. Image members are looked up by ``image_keys`` (jpg, jpeg, png, webp, ...). See
+``sample_fields``.
+
+**Corrupt data.** A sample that fails to decode (or lacks its image or requested label), or that
+is missing because its shard is truncated, damaged (the tar reader skips a damaged stretch and
+resynchronises on the next valid header) or shorter than the index says, leaves its slot in the
+batch empty; the slot is filled with a copy of another sample of the same batch (augmented with
+the slot's own seed), or of the reader's previous batch when none of this batch is usable, so
+batch shapes, step counts and resume positions do not depend on decoding. Every such sample is
+counted (``epoch_stats()``: ``samples_lost`` is the one figure, ``corrupt_skipped`` +
+``samples_missing``); once a rank's count in an epoch exceeds ``max_corrupt_fraction`` of the
+samples it reads that epoch, it raises ``DataCorruptionError`` naming the shards and the setting
+(raised in the training process with that one message also when a DataLoader worker found it).
+Two consecutive batches of a reader with no usable sample are an error whatever the fraction. A
+shard holding *more* samples than the index lists, or more bytes than an index with sample
+offsets records, raises ``ShardIndexMismatchError`` (the index is stale).
 """
 
 from __future__ import annotations
@@ -64,12 +79,13 @@ import itertools
 import logging
 import os
 import random
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 import PIL.Image
 import torch
@@ -77,34 +93,45 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from scale_ssl.data.sample_fields import AUTO, MissingLabelsError, SampleFields, check_label_key
 from scale_ssl.data.shard_index import ShardIndex
 from scale_ssl.data.shard_source import (
+    ShardIndexMismatchError,
+    ShardSourceError,
     ShardTruncatedError,
     iter_shard_samples,
     load_index,
     resolve_location,
 )
+from scale_ssl.data.tar_members import TarDamage
 
 log = logging.getLogger(__name__)
 
 MODES = ("exact", "resampled")
-# Members webdataset writers use for images; the index's image_key is tried first.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 # How many unusable samples a DataCorruptionError lists by name.
 _EXAMPLES_IN_ERRORS = 5
-
-
-class ShardIndexMismatchError(RuntimeError):
-    """A shard does not hold the samples its index promises, so the epoch plan is void."""
 
 
 class DataCorruptionError(RuntimeError):
     """More samples than ``max_corrupt_fraction`` allows could not be decoded or read."""
 
 
+# Errors a DataLoader worker hands to the training process as (name, message), re-raised there
+# with the message alone (torch would wrap them with the worker's whole traceback).
+_FORWARDED_ERRORS = {cls.__name__: cls for cls in (DataCorruptionError, ShardIndexMismatchError, ShardSourceError)}
+
+
+class Segment(NamedTuple):
+    """Samples ``[start, stop)`` (by position in the shard) of the shard at index ``shard``."""
+
+    shard: int
+    start: int
+    stop: int
+
+
 class EpochShardPlan:
-    """Exact mode: which shards every reader (rank, worker) reads in one epoch, and how many
-    batches each yields.
+    """Exact mode: which samples of which shards every reader (rank, worker) reads in one epoch,
+    and how many batches each yields (see the module docstring).
 
     Pure arithmetic on the index's shard sizes: every rank builds the same plan for every rank.
     ``num_workers`` counts readers per rank, so a DataLoader with ``num_workers=0`` (reading in
@@ -130,50 +157,47 @@ class EpochShardPlan:
         self.shard_order = list(range(len(self.shard_sizes)))
         if shuffle_shards:
             random.Random(seed + epoch).shuffle(self.shard_order)
-        self.steps_per_epoch = min(
-            sum(self.full_batches(rank, worker) for worker in range(num_workers))
-            for rank in range(world_size)
-        )
-
-    def rank_shards(self, rank: int) -> list[int]:
-        """Shard positions (into the index) read by ``rank`` this epoch, in reading order."""
-        return self.shard_order[rank :: self.world_size]
-
-    def worker_shards(self, rank: int, worker: int) -> list[int]:
-        return self.rank_shards(rank)[worker :: self.num_workers]
-
-    def reader_shards(self, rank: int, worker: int) -> Iterable[int]:
-        """The shards reader (rank, worker) reads, in order (the common interface of the plans)."""
-        return self.worker_shards(rank, worker)
-
-    def samples(self, rank: int, worker: int) -> int:
-        return sum(self.shard_sizes[shard] for shard in self.worker_shards(rank, worker))
-
-    def rank_samples(self, rank: int) -> int:
-        return sum(self.shard_sizes[shard] for shard in self.rank_shards(rank))
-
-    def full_batches(self, rank: int, worker: int) -> int:
-        return self.samples(rank, worker) // self.batch_size
+        self.num_samples = sum(self.shard_sizes)
+        self.steps_per_epoch = self.num_samples // (world_size * batch_size)
+        # Where each shard of the epoch's order starts in the epoch's sample sequence.
+        self._shard_starts = list(itertools.accumulate((self.shard_sizes[s] for s in self.shard_order), initial=0))
+        quotas = self.batch_quotas(0)
+        self._span_starts = list(itertools.accumulate(
+            (quotas[worker] * batch_size for _ in range(world_size) for worker in range(num_workers)), initial=0
+        ))
 
     def batch_quotas(self, rank: int) -> list[int]:
-        """How many batches each worker of ``rank`` yields; they add up to ``steps_per_epoch``.
+        """How many batches each worker of ``rank`` yields; they add up to ``steps_per_epoch``
+        (the same on every rank: ``steps_per_epoch`` dealt as evenly as possible)."""
+        share, extra = divmod(self.steps_per_epoch, self.num_workers)
+        return [share + (worker < extra) for worker in range(self.num_workers)]
 
-        Dealt one at a time round-robin so that the workers share the load evenly, as far as
-        their shards allow.
-        """
-        capacity = [self.full_batches(rank, worker) for worker in range(self.num_workers)]
-        quotas = [0] * self.num_workers
-        remaining = self.steps_per_epoch
-        while remaining:
-            for worker in range(self.num_workers):
-                if remaining and quotas[worker] < capacity[worker]:
-                    quotas[worker] += 1
-                    remaining -= 1
-        return quotas
+    def reader_span(self, rank: int, worker: int) -> tuple[int, int]:
+        """``[start, stop)`` of reader (rank, worker) in the epoch's sample sequence."""
+        reader = rank * self.num_workers + worker
+        return self._span_starts[reader], self._span_starts[reader + 1]
+
+    def reader_segments(self, rank: int, worker: int) -> list[Segment]:
+        """The parts of shards reader (rank, worker) reads, in reading order."""
+        start, stop = self.reader_span(rank, worker)
+        segments = []
+        first = bisect.bisect_right(self._shard_starts, start) - 1
+        for position in range(max(first, 0), len(self.shard_order)):
+            shard_start = self._shard_starts[position]
+            if shard_start >= stop:
+                break
+            shard = self.shard_order[position]
+            begin, end = max(start, shard_start) - shard_start, min(stop, self._shard_starts[position + 1]) - shard_start
+            if end > begin:
+                segments.append(Segment(shard, begin, end))
+        return segments
+
+    def rank_samples(self, rank: int) -> int:
+        return self.steps_per_epoch * self.batch_size
 
     @property
     def samples_dropped(self) -> int:
-        return sum(self.shard_sizes) - self.steps_per_epoch * self.batch_size * self.world_size
+        return self.num_samples - self.steps_per_epoch * self.batch_size * self.world_size
 
 
 class ResampledShardPlan:
@@ -203,11 +227,13 @@ class ResampledShardPlan:
         self.steps_per_epoch = sum(self.shard_sizes) // (batch_size * world_size)
         self._cumulative = list(itertools.accumulate(self.shard_sizes))
 
-    def reader_shards(self, rank: int, worker: int) -> Iterator[int]:
+    def reader_segments(self, rank: int, worker: int) -> Iterator[Segment]:
+        """Whole shards drawn with replacement, forever."""
         rng = random.Random(f"scale_ssl.resample:{self.seed}:{self.epoch}:{rank}:{worker}")
         total = self._cumulative[-1]
         while True:
-            yield bisect.bisect_right(self._cumulative, rng.randrange(total))
+            shard = bisect.bisect_right(self._cumulative, rng.randrange(total))
+            yield Segment(shard, 0, self.shard_sizes[shard])
 
     def batch_quotas(self, rank: int) -> list[int]:
         share, extra = divmod(self.steps_per_epoch, self.num_workers)
@@ -235,15 +261,17 @@ class ShardedImageStream:
     """Streams ``(transform(image), label)`` batches from webdataset shards, equal steps per rank.
 
     Args:
-        source: a shard directory or its ``shards.json``, a remote location (``http(s)://``,
-            ``s3://``, ``gs://``, ``pipe:...{name}...``; see ``shard_source``), or a loaded local
-            ``ShardIndex``.
+        source: a shard location (see ``shard_source``): a directory or its index file, a brace
+            list or glob of shards, ``http(s)://``, ``s3://``, ``gs://`` or ``pipe:...{name}...``;
+            or a loaded ``ShardIndex``. A small set without an index is indexed on the fly
+            (one notice); a large one needs ``scale-ssl index-shards`` first.
         batch_size: samples per batch on this rank (the per-device batch, not the global one).
         transform: called on each decoded PIL image. A tuple result (e.g. ``SimCLRViews``) is
             collated into a tuple of stacked views: batches are ``((view1, view2), labels)``;
             a tensor result gives ``(images, labels)``. Must be picklable when ``num_workers > 0``.
             Its randomness must come from torch's or Python's global RNG (torchvision's does),
-            which the stream seeds per sample.
+            which the stream seeds per sample. A transform with a ``decode(bytes)`` method gets
+            what that returns instead of a PIL image (decode errors count as corrupt samples).
         mode: ``"exact"`` (each sample at most once per epoch) or ``"resampled"``; see the
             module docstring.
         rank, world_size: this process's place; both default to the initialised
@@ -260,6 +288,10 @@ class ShardedImageStream:
             back-off in seconds (doubling), and the seconds a read may stall.
         return_keys: also yield each batch's sample keys (``(images, labels, keys)``), for
             checking coverage and debugging.
+        image_keys: member extensions holding the image, tried in order (default: the index's
+            ``image_key``, then jpg, jpeg, png, webp, ...).
+        label_key: ``"auto"`` (the index's: ``cls``, ``json:<field>`` or none), ``"cls"``,
+            ``"json:<field>"``, or None to ignore labels (every label is -1: pretraining).
         pin_memory, multiprocessing_context: passed to the DataLoader (the context defaults to
             the process's start method; every stage of the pipeline pickles, so "spawn" works).
 
@@ -290,6 +322,8 @@ class ShardedImageStream:
         return_keys: bool = False,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
+        image_keys: Sequence[str] | None = None,
+        label_key: str | None = AUTO,
     ):
         _check_count("batch_size", batch_size, minimum=1)
         _check_count("num_workers", num_workers, minimum=0)
@@ -315,19 +349,28 @@ class ShardedImageStream:
                 "give ranks unequal step counts (design contract 5); the dropped samples are "
                 "reported by samples_dropped_per_epoch and change every epoch"
             )
-        if isinstance(source, ShardIndex):
-            self.index, self.urls = source, source.urls()
-            self.location = str(source.directory)
-        else:
-            location = resolve_location(source)
-            self.index, self.urls = load_index(
-                location, retries=retries, retry_delay=retry_delay, timeout=io_timeout
-            )
-            self.location = location.describe()
+        label_key = check_label_key(label_key)
         # Without an explicit place the stream follows torch.distributed, also when it is built
         # before init_process_group (then it re-plans once the group exists; see _follow_group).
         self._follows_group = rank is None and world_size is None
         self.rank, self.world_size = _resolve_place(rank, world_size)
+        if isinstance(source, ShardIndex):
+            self.index, self.urls = source, source.urls()
+            self.location = str(source.base or source.directory)
+        else:
+            location = resolve_location(source)
+            self.index, self.urls = load_index(
+                location, retries=retries, retry_delay=retry_delay, timeout=io_timeout,
+                notice=None if self.rank == 0 else log.info,
+            )
+            self.location = location.describe()
+        if label_key not in (None, AUTO) and not self.index.labelled:
+            raise MissingLabelsError(
+                f"label_key={label_key!r} but the index of {self.location} found no labels in its shards "
+                f"(label_key: null); re-index with `scale-ssl index-shards ... --label-key {label_key}` if "
+                f"they are there, or stream without labels (label_key=None)"
+            )
+        self.fields = SampleFields.for_index(self.index, image_keys, label_key)
         self.mode = mode
         self.batch_size = batch_size
         self.transform = transform
@@ -423,6 +466,8 @@ class ShardedImageStream:
             "shuffle_buffer": self.shuffle_buffer,
             "shuffle_shards": self.shuffle_shards,
             "num_samples": self.num_samples,
+            # How exact mode splits the epoch: by sample (this version) or by whole shard (before).
+            "split": "samples",
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -471,19 +516,26 @@ class ShardedImageStream:
         if self._loaded_state is None or self._loaded_state.get("epoch") != self.epoch:
             return []
         current = self.state_dict()
-        return [
+        changes = [
             f"{key} {self._loaded_state[key]!r} -> {current[key]!r}"
             for key in ("mode", "world_size", "num_workers", "batch_size", "shuffle_buffer",
                         "shuffle_shards", "num_samples")
             if key in self._loaded_state and self._loaded_state[key] != current[key]
         ]
+        # A checkpoint from before the sample-granular split planned its epoch by whole shards.
+        split = self._loaded_state.get("split", "shards")
+        if self.mode == "exact" and self._loaded_state.get("mode") == "exact" and split != current["split"]:
+            changes.append(f"exact-mode split {split!r} -> {current['split']!r}")
+        return changes
 
     # -- statistics -------------------------------------------------------------------------------
     def epoch_stats(self) -> dict[str, Any]:
         """This rank's figures for the current epoch, for the progress bar and the run's metrics.
 
-        ``samples_dropped`` (all ranks, by the plan), ``corrupt_skipped`` (samples that failed to
-        decode), ``samples_missing`` (listed by the index but absent: truncated or short shards),
+        ``samples_dropped`` (all ranks, by the plan), ``samples_lost`` (this rank's samples that
+        could not be used: ``corrupt_skipped`` + ``samples_missing``), ``corrupt_skipped`` (samples
+        that failed to decode or lack their image or label), ``samples_missing`` (listed by the
+        index but absent: truncated, damaged or short shards),
         ``samples_padded`` (batch slots filled with a copy because of the two before),
         ``resumed_at_batch``, ``resume_samples_reread`` (consumed samples read again, undecoded,
         to reach the resume point), ``samples_reseen_after_resume`` (0 when the resume was exact,
@@ -498,6 +550,7 @@ class ShardedImageStream:
             "epoch": self.epoch,
             "steps_per_epoch": self.plan.steps_per_epoch,
             "samples_dropped": self.plan.samples_dropped,
+            "samples_lost": 0,
             "corrupt_skipped": 0,
             "samples_missing": 0,
             "samples_padded": 0,
@@ -528,7 +581,8 @@ class ShardedImageStream:
             plan=self.plan,
             rank=self.rank,
             urls=self.urls,
-            image_key=self.index.image_key,
+            fields=self.fields,
+            bounds=self._segment_bounds(),
             transform=self.transform,
             shuffle_buffer=self.shuffle_buffer,
             return_keys=self.return_keys,
@@ -565,6 +619,9 @@ class ShardedImageStream:
                             f"{expected[0]} in epoch {self.epoch}; the shards of {self.location} "
                             f"hold fewer samples than shards.json says"
                         ) from None
+                    if "error" in meta:  # a worker's data error, re-raised here with its message only
+                        name, message = meta["error"]
+                        raise _FORWARDED_ERRORS[name](message)
                     pending[(meta["worker"], meta["batch"])] = batch
                     self._account(meta, reader_stats)
                 yield pending.pop(expected)
@@ -576,13 +633,37 @@ class ShardedImageStream:
             if stop_workers is not None:
                 stop_workers()
 
+    def _segment_bounds(self) -> dict[Segment, dict] | None:
+        """Byte bounds of this rank's exact-mode segments whose shard has sample offsets in the
+        index: where a reader opens the shard and where it stops (the next owner's first sample),
+        with the shard's size to detect a stale index. Only this rank's (a few per worker), so
+        that the offsets of a large index are not copied to every DataLoader worker."""
+        if not isinstance(self.plan, EpochShardPlan):
+            return None
+        bounds = {}
+        for worker in range(self.plan.num_workers):
+            for segment in self.plan.reader_segments(self.rank, worker):
+                info = self.index.shards[segment.shard]
+                if info.offsets is None:
+                    continue
+                bounds[segment] = {
+                    "start_offset": info.offsets[segment.start],
+                    "stop_offset": info.offsets[segment.stop] if segment.stop < info.num_samples else None,
+                    "expected_bytes": info.bytes,
+                }
+        return bounds
+
     def _account(self, meta: dict, reader_stats: dict[int, dict]) -> None:
         reader_stats[meta["worker"]] = meta["stats"]
         for key in ("corrupt_skipped", "samples_missing", "samples_padded", "resume_samples_reread"):
             self._stats[key] = sum(stats[key] for stats in reader_stats.values())
+        self._stats["samples_lost"] = self._stats["corrupt_skipped"] + self._stats["samples_missing"]
         for url, key, reason in meta["bad"]:
             self._stats["bad_by_shard"][url] += 1
-            log.warning("rank %d epoch %d: skipped sample %s of %s: %s", self.rank, self.epoch, key, url, reason)
+            # One warning per shard and epoch; each further sample only at debug level (a damaged
+            # stretch can cost hundreds, and the count is in epoch_stats()["samples_lost"]).
+            level = logging.WARNING if self._stats["bad_by_shard"][url] == 1 else logging.DEBUG
+            log.log(level, "rank %d epoch %d: skipped sample %s of %s: %s", self.rank, self.epoch, key, url, reason)
         self._stats["examples"] = (self._stats["examples"] + meta["bad"])[:_EXAMPLES_IN_ERRORS]
         bad = self._stats["corrupt_skipped"] + self._stats["samples_missing"]
         if bad > self.corrupt_budget:
@@ -601,18 +682,11 @@ class ShardedImageStream:
                 f"batch_size={self.batch_size} per rank and world_size={self.world_size} make "
                 f"{plan.steps_per_epoch} steps per epoch; lower batch_size"
             )
-        poorest = min(
-            range(self.world_size),
-            key=lambda r: sum(plan.full_batches(r, w) for w in range(plan.num_workers)),
-        )
         return (
             f"not one full batch per rank: {self.index.num_samples} samples in "
-            f"{self.index.num_shards} shards, batch_size={self.batch_size} per rank, "
-            f"world_size={self.world_size}, num_workers={self.num_workers}; in epoch {plan.epoch} "
-            f"rank {poorest} gets {len(plan.rank_shards(poorest))} shard(s) with "
-            f"{plan.rank_samples(poorest)} samples and no worker of it has batch_size of them. "
-            f"Lower batch_size or num_workers, write more, smaller shards (at least world_size x "
-            f"max(1, num_workers) of them), or use mode='resampled'"
+            f"{self.index.num_shards} shards, batch_size={self.batch_size} per rank and "
+            f"world_size={self.world_size} need at least {self.batch_size * self.world_size} per epoch. "
+            f"Lower batch_size (trainer.global_batch_size) or add data"
         )
 
 
@@ -688,22 +762,29 @@ class _Unusable:
 
 
 class _ShardCursor:
-    """Reads one reader's shards in their planned order, on demand, and hands out samples by
-    position ``(draw, member)``.
+    """Reads one reader's segments (parts of shards) in their planned order, on demand, and hands
+    out samples by position ``(draw, member)``.
 
     Samples read before they are asked for wait in ``stash`` (at most about the shuffle buffer);
-    positions in ``consumed`` (before a resume point) are dropped unread where a whole shard
-    allows, else read and thrown away undecoded.
+    positions in ``consumed`` (before a resume point) are dropped unread where a whole segment
+    allows, else read and thrown away undecoded. A segment is read by byte bounds when
+    ``bounds`` has it (the index recorded sample offsets), else by counting samples from the
+    shard's start; both count the samples that survive a damaged stretch in the same order, so
+    two readers splitting a damaged shard never both take a sample.
     """
 
-    def __init__(self, draws: Iterable[int], sizes, urls, consumed: set, io_options: dict, keep: set = frozenset()):
-        self.draws = enumerate(draws)
+    def __init__(self, segments: Iterable[Segment], sizes, urls, consumed: set, io_options: dict,
+                 keep: set = frozenset(), bounds: dict | None = None):
+        self.segments = enumerate(segments)
         self.sizes, self.urls, self.consumed, self.io_options = sizes, urls, consumed, io_options
+        self.bounds = bounds or {}
         self.keep = keep  # consumed, but stashed all the same (they may be asked for)
         self.consumed_per_draw = Counter(draw for draw, member in consumed if (draw, member) not in keep)
         self.stash: dict[tuple[int, int], tuple[str, dict, str]] = {}
-        self.ended: dict[int, tuple[int, str]] = {}  # draw -> (samples delivered, why it ended)
-        self.draw, self.shard, self.samples, self.member = -1, -1, None, 0
+        self.ended: dict[int, str] = {}  # draw -> why it ended before its last sample
+        self.segment_of: dict[int, Segment] = {}
+        self.damage: dict[int, dict[int, TarDamage]] = {}  # draw -> damaged stretches by offset
+        self.draw, self.segment, self.samples, self.member = -1, None, None, 0
         self.reread = 0
 
     def get(self, token: tuple[int, int]) -> tuple[str, dict, str] | _Unusable:
@@ -718,41 +799,51 @@ class _ShardCursor:
             self._read_one()
         if token in self.stash:
             return self.stash.pop(token)
-        delivered, why = self.ended.get(draw, (0, "never read"))
-        shard = self._shard_of.get(draw, -1)
-        url = self.urls[shard] if shard >= 0 else "?"
+        why = self.ended.get(draw, "never read")
+        segment = self.segment_of.get(draw)
+        url = self.urls[segment.shard] if segment is not None else "?"
         return _Unusable(url, f"sample #{member}", f"missing: {why}", missing=True)
-
-    @property
-    def _shard_of(self) -> dict[int, int]:
-        return self.__dict__.setdefault("_draw_shards", {})
 
     def _open_next(self) -> None:
         while True:
-            self.draw, self.shard = next(self.draws)
-            self._shard_of[self.draw] = self.shard
-            if self.consumed_per_draw[self.draw] < self.sizes[self.shard]:
-                break  # a shard every sample of which was consumed is not opened at all
-        self.samples = iter_shard_samples(self.urls[self.shard], **self.io_options)
-        self.member = 0
+            self.draw, self.segment = next(self.segments)
+            self.segment_of[self.draw] = self.segment
+            if self.consumed_per_draw[self.draw] < self.segment.stop - self.segment.start:
+                break  # a segment every sample of which was consumed is not opened at all
+        shard, start, stop = self.segment
+        bound = self.bounds.get(self.segment)
+        if bound is not None:
+            reading = dict(bound)
+        else:
+            # Count from the shard's start; the last part reads to the end, so that a shard holding
+            # more samples than its index lists is noticed.
+            reading = {"skip": start, "limit": stop - start if stop < self.sizes[shard] else None}
+        draw = self.draw
+        self.samples = iter_shard_samples(
+            self.urls[shard], on_damage=lambda damage: self.damage.setdefault(draw, {}).setdefault(damage.offset, damage),
+            **reading, **self.io_options,
+        )
+        self.member = start
 
     def _read_one(self) -> None:
-        url, size = self.urls[self.shard], self.sizes[self.shard]
+        (shard, start, stop), url = self.segment, self.urls[self.segment.shard]
+        size = self.sizes[shard]
         try:
             key, members = next(self.samples)
         except StopIteration:
-            self._end(
-                f"the shard ended after {self.member} of the {size} samples its index lists "
-                f"(a truncated tar, or a stale shards.json)"
-            )
+            if stop == size or self.segment not in self.bounds:  # counted from the shard's start
+                why = f"the shard ended after {self.member} of the {size} samples its index lists"
+            else:
+                why = f"only {self.member - start} of samples [{start}, {stop}) of the shard could be read"
+            self._end(why + (" (a truncated or damaged tar, or a stale index)" if not self.damage.get(self.draw) else ""))
             return
         except ShardTruncatedError as error:
             self._end(f"{error.reason}; the index lists {size}")
             return
-        if self.member >= size:
+        if self.member >= stop:
             raise ShardIndexMismatchError(
-                f"shard {url} holds more than the {size} samples its shards.json lists; the index "
-                f"is stale: re-write the shards"
+                f"shard {url} holds more than the {size} samples its index lists; the index is stale: "
+                f"re-run `scale-ssl index-shards` on its location"
             )
         token = (self.draw, self.member)
         self.member += 1
@@ -762,11 +853,14 @@ class _ShardCursor:
             self.stash[token] = (key, members, url)
 
     def _end(self, why: str) -> None:
-        self.ended[self.draw] = (self.member, why)
+        damage = self.damage.get(self.draw)
+        if damage:
+            why += "; " + "; ".join(stretch.describe() for stretch in list(damage.values())[:3])
+        self.ended[self.draw] = why
         self.samples = None
 
     def _finish_current(self) -> None:
-        """Read the rest of the current shard into the stash (its samples will be asked for)."""
+        """Read the rest of the current segment into the stash (its samples will be asked for)."""
         while self.samples is not None:
             self._read_one()
 
@@ -775,14 +869,24 @@ class _EpochReader(IterableDataset):
     """One epoch of one rank, as seen by one DataLoader worker (or the main process): yields
     ``(batch, meta)`` for the worker's share of the rank's batches."""
 
-    def __init__(self, *, plan, rank, urls, image_key, transform, shuffle_buffer, return_keys,
+    def __init__(self, *, plan, rank, urls, fields, bounds, transform, shuffle_buffer, return_keys,
                  start_batches, rotation, corrupt_policy, io_options):
-        self.plan, self.rank, self.urls, self.image_key = plan, rank, list(urls), image_key
+        self.plan, self.rank, self.urls, self.fields, self.bounds = plan, rank, list(urls), fields, bounds
         self.transform, self.shuffle_buffer, self.return_keys = transform, shuffle_buffer, return_keys
         self.start_batches, self.rotation = list(start_batches), rotation
         self.corrupt_policy, self.io_options = corrupt_policy, io_options
 
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        try:
+            yield from self._batches()
+        except tuple(_FORWARDED_ERRORS.values()) as error:
+            if get_worker_info() is None:
+                raise
+            # In a worker: hand the error over as data, so the training process raises it with
+            # this message alone rather than torch's re-raise carrying the worker's traceback.
+            yield None, {"error": (type(error).__name__, str(error))}
+
+    def _batches(self) -> Iterator[tuple[tuple, dict]]:
         plan, batch_size = self.plan, self.plan.batch_size
         worker = (_current_worker(plan.num_workers) + self.rotation) % plan.num_workers
         quota = plan.batch_quotas(self.rank)[worker]
@@ -794,8 +898,8 @@ class _EpochReader(IterableDataset):
         # The batch before the resume point is kept within reach: a batch with no usable sample
         # is filled from the one before it, also right after a resume.
         before_start = consumed[-batch_size:] if start else []
-        cursor = _ShardCursor(plan.reader_shards(self.rank, worker), plan.shard_sizes, self.urls,
-                              set(consumed), self.io_options, keep=set(before_start))
+        cursor = _ShardCursor(plan.reader_segments(self.rank, worker), plan.shard_sizes, self.urls,
+                              set(consumed), self.io_options, keep=set(before_start), bounds=self.bounds)
         previous_usable = None
         augment_seed = _stable_seed("scale_ssl.augment", plan.seed, plan.epoch, self.rank, worker)
         stats = {"corrupt_skipped": 0, "samples_missing": 0, "samples_padded": 0, "resume_samples_reread": 0}
@@ -847,11 +951,10 @@ class _EpochReader(IterableDataset):
 
     def _sample_order(self, worker: int) -> Iterator[tuple[int, int]]:
         """The reader's positions ``(draw, member)`` in the order its samples are used."""
-        sizes = self.plan.shard_sizes
         positions = (
             (draw, member)
-            for draw, shard in enumerate(self.plan.reader_shards(self.rank, worker))
-            for member in range(sizes[shard])
+            for draw, segment in enumerate(self.plan.reader_segments(self.rank, worker))
+            for member in range(segment.start, segment.stop)
         )
         if self.shuffle_buffer <= 1:
             return positions
@@ -865,19 +968,24 @@ class _EpochReader(IterableDataset):
         if isinstance(got, _Unusable):
             return got
         key, members, url = got
-        encoded = members.get(self.image_key)
-        if encoded is None:
-            encoded = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
         try:
-            if encoded is None:
-                raise ValueError(f"no image member ({self.image_key!r}); members are {sorted(members)}")
-            label = int(members["cls"])
-            image = PIL.Image.open(io.BytesIO(encoded))
-            image.load()
+            label = self.fields.label(members)
+            encoded = self.fields.image_bytes(members)
+        except ValueError as error:
+            return _Unusable(url, key, str(error), missing=False)
+        try:
+            # A transform with its own decoder (e.g. AugmentedViews: OpenCV, reduced-size JPEG)
+            # gets what that returns; its errors count as corrupt samples like PIL's.
+            decode = getattr(self.transform, "decode", None)
+            if decode is not None:
+                image = decode(encoded)
+            else:
+                image = PIL.Image.open(io.BytesIO(encoded))
+                image.load()
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError...: all mean unusable
-            reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-            if "cls" not in members:
-                reason = f"no 'cls' label member; members are {sorted(members)}"
+            # (PIL names the in-memory file object it read from: noise in a message about a shard.)
+            text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+            reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
             return _Unusable(url, key, reason, missing=False)
         return image, label, key
 

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from scale_ssl.data.rank_full_pass import load_shard_index, rank_full_pass_batches, rank_slice
+from scale_ssl.data.full_pass import load_labelled_index
+from scale_ssl.data.rank_full_pass import rank_full_pass_batches, rank_slice
 from scale_ssl.eval.knn import extract_features
 
 
@@ -27,7 +28,8 @@ class EvalSplit:
     """
 
     def __init__(self, source: str | os.PathLike | Any, transform: Callable, batch_size: int = 512, cache: bool = True):
-        self.index, _ = load_shard_index(source)
+        # A split without labels is refused here, by name, before any feature is computed.
+        self.index, _, _ = load_labelled_index(source, "evaluation on a labelled split (kNN, online or linear evaluation)")
         self.source = self.index if not isinstance(source, (str, os.PathLike)) else source
         self.transform = transform
         self.batch_size = batch_size

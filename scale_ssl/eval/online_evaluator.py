@@ -163,6 +163,12 @@ class SSLOnlineEvaluator(Callback):
             self._build(features.shape[1], features.device, trainer.strategy.collective)
         self.head.train()
         labels = labels.to(features.device).long()
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(
+                "SSLOnlineEvaluator needs labelled training batches, but this batch carries label -1 (the "
+                "shards have no labels, or data.label_key is null): train without the online evaluator "
+                "(e.g. model.online_ft=false for cpc_v2) or stream labelled shards"
+            )
         logits = self.head(features)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from scale_ssl.data import SimCLRViews
+from scale_ssl.data import BYOLViews
 from scale_ssl.losses import BYOLLoss
 from scale_ssl.methods.ema import cosine_tau, ema_update_, frozen_copy
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
@@ -90,9 +90,10 @@ class BYOL(SSLModule):
 
     @classmethod
     def train_transform(cls, data):
-        """Two views with SimCLR-style augmentation (BYOL's asymmetric blur/solarisation is for
-        large images; blur is off below 64 px anyway)."""
-        return SimCLRViews.from_data_config(data, "BYOL")
+        """BYOL's two asymmetric views (paper, appendix B): blur p=1.0 / 0.1 (when
+        ``data.gaussian_blur`` is on), solarisation p=0 / 0.2, jitter (0.4, 0.4, 0.2, 0.1) at
+        ``data.jitter_strength`` 0.5."""
+        return BYOLViews.from_data_config(data, "BYOL")
 
     @classmethod
     def derived_run_figures(cls, model: dict, global_batch_size: int) -> dict:

@@ -129,6 +129,7 @@ class SwAV(SSLModule):
             normalize_std=tuple(data["std"]),
             jitter_strength=data["jitter_strength"],
             blur=data["gaussian_blur"],
+            augment_on=data.get("augment_on", "cpu"),
             **options,
         )
 

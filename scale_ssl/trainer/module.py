@@ -7,7 +7,8 @@ them, the hooks below. It never asks which strategy it runs under: ``self.all_ga
 Hook order of ``Trainer.fit`` (recorded in ``tests/test_trainer_api.py``):
 ``prepare_data`` (local rank 0 of each node) -> ``setup("fit")`` -> ``configure_optimizers`` ->
 ``train_dataloader`` -> ``val_dataloader`` -> ``on_fit_start`` -> [sanity validation] ->
-``on_train_start`` -> per epoch ``on_train_epoch_start`` -> per batch ``on_train_batch_start``,
+``on_train_start`` -> per epoch ``on_train_epoch_start`` -> per batch ``on_after_batch_transfer``,
+``on_train_batch_start``,
 ``training_step``, ``training_step_end``, ``on_before_optimizer_step``, ``on_train_batch_end``
 -> [validation: ``on_validation_epoch_start``, ``validation_step``, ``validation_step_end``,
 ``validation_epoch_end(outputs)`` if overridden, ``on_validation_epoch_end``] ->
@@ -247,6 +248,15 @@ class SSLModule(nn.Module):
     def on_train_epoch_end(self) -> None: ...
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None: ...
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning's hook: change a batch once it is on the training device, before the step
+        (training, validation, test and predict batches). Default: run the ``batch_augmentation``
+        submodule on it if one is set (``data.augment_on: device`` sets
+        ``data.device_augment.DeviceViewAugment``, which finishes the loader's uint8 crops and
+        passes anything else through), else return the batch unchanged."""
+        augment = self._modules.get("batch_augmentation")
+        return augment(batch) if augment is not None else batch
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Runs after the optimizer step (EMA targets and queues see the updated weights)."""
