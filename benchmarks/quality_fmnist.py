@@ -2,7 +2,8 @@
 encoder and a supervised encoder of the same architecture and budget. Slow, not in CI.
 
 For each method of ``--methods`` (configs ``configs/<method>/fmnist_cpu.yaml``: resnet10, 1-channel
-28 px stem, global batch 256, bf16 autocast), in one process on this machine's cores:
+28 px stem, global batch 256, bf16 autocast; DINO: a ViT-mini/7 in fp32), in one process on this
+machine's cores:
 
 1. calibrate: time a few steps, then set ``max_steps`` so pretraining fits ``--budget-minutes``
    (the warmup-cosine schedule then spans the real run, not a run cut short);
@@ -14,7 +15,8 @@ For each method of ``--methods`` (configs ``configs/<method>/fmnist_cpu.yaml``: 
    CPU; ``scale-ssl eval linear`` is the augmented protocol.
 
 Baselines: raw pixels (kNN and linear on the 784 normalised pixels), a randomly initialised
-encoder, and a supervised encoder (the same arch trained with labels for the same budget, crop +
+encoder of each architecture in the table (the ResNet-10, and the ViT of a ViT method, built by
+that method with its config's seed), and a supervised encoder (the same arch trained with labels for the same budget, crop +
 flip augmentation, then probed the same way).
 
     .venv/bin/python benchmarks/quality_fmnist.py                 # the table (about 1.5 h)
@@ -50,7 +52,7 @@ from scale_ssl.models import build_resnet_encoder  # noqa: E402
 from scale_ssl.strategies import build_strategy  # noqa: E402
 from scale_ssl.trainer import Callback  # noqa: E402
 
-ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam")
+ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam", "dino")
 
 
 class StopAfter(Callback):
@@ -87,9 +89,12 @@ def _seconds_per_step(make_module, make_stream, config, steps: int) -> float:
     return (time.perf_counter() - timer.started) / max(steps - 1, 1)
 
 
-def _budgeted_fit(name, make_module, make_stream, config, budget_s: float, smoke: bool) -> tuple[nn.Module, dict]:
+def _budgeted_fit(name, make_module, make_stream, config, budget_s: float, smoke: bool,
+                  fixed_steps: int | None = None) -> tuple[nn.Module, dict]:
     if smoke:
         steps, per_step = 2, float("nan")
+    elif fixed_steps:
+        steps, per_step = fixed_steps, float("nan")
     else:
         per_step = _seconds_per_step(make_module, make_stream, config, steps=6)
         steps = max(10, int(budget_s / per_step))
@@ -147,6 +152,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="pretraining budget per encoder")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="pretrain every SSL encoder for exactly this many steps instead of --budget-minutes (on a "
+                             "shared machine a wall-clock budget buys fewer steps than on an idle one)")
     parser.add_argument("--linear-epochs", type=int, default=10)
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--shards", default=os.path.join(REPO, "data", "fashion-mnist"))
@@ -221,12 +229,22 @@ def main(argv=None) -> int:
         def make_stream(config=config):
             return build_train_stream(config, strategy, config.trainer.global_batch_size)
 
-        module, info = _budgeted_fit(method, make_module, make_stream, config, budget_s, args.smoke)
         precision = config.trainer.precision
+        arch = resolved["model"].get("arch", resolved["model"].get("base_encoder"))
+        if arch != encoder_args["arch"] and f"random-init encoder ({arch})" not in results:
+            # A method with another backbone (a ViT) gets its own random-init baseline.
+            random_module = make_module()
+            feats = _features(random_module.encoder, bank, precision), _features(random_module.encoder, test, precision)
+            results[f"random-init encoder ({arch})"] = _score(f"random init {arch}", *feats, num_classes, args)
+        module, info = _budgeted_fit(method, make_module, make_stream, config, budget_s, args.smoke, args.steps)
         feats = _features(module.encoder, bank, precision), _features(module.encoder, test, precision)
         results[method] = {**info, **_score(method, *feats, num_classes, args)}
+        if hasattr(module, "teacher_encoder"):  # DINO's paper evaluates the EMA teacher
+            teacher = module.teacher_encoder
+            feats = _features(teacher, bank, precision), _features(teacher, test, precision)
+            results[f"{method} (teacher)"] = {**info, **_score(f"{method} teacher", *feats, num_classes, args)}
 
-    meta = {"smoke": args.smoke, "budget_minutes": args.budget_minutes, "threads": args.threads,
+    meta = {"smoke": args.smoke, "budget_minutes": args.budget_minutes, "steps": args.steps, "threads": args.threads,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "linear_epochs": args.linear_epochs, "knn_k": args.knn_k, "methods": methods,
             "skip_supervised": args.skip_supervised}  # fmt: skip

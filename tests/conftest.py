@@ -38,3 +38,22 @@ def deepspeed_engines(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("deepspeed")
     return run_on_ranks(all_engines, 2, str(root)), root
+
+
+@pytest.fixture(scope="session")
+def equivalence(request, tmp_path_factory):
+    """The equivalence matrix's measurements (tests/_equivalence.py): each backend launched once,
+    for the cells and DeepSpeed fix checks this session selected. When the whole matrix ran, its
+    table replaces the main section of docs/EQUIVALENCE.md."""
+    from tests import _equivalence as E
+    from tests._equivalence_launch import Matrix
+    from tests._equivalence_report import write_main_section
+
+    items = request.session.items
+    selected = [item.callspec.params["cell"] for item in items
+                if getattr(item, "originalname", None) == "test_cell_equals_one_process"]
+    deepspeed_checks = any(item.module.__name__.endswith("test_deepspeed_fixes") for item in items)
+    matrix = Matrix(str(tmp_path_factory.mktemp("equivalence")), selected, deepspeed_checks)
+    yield matrix
+    if {c.id for c in E.ALL_CELLS} <= set(matrix.results):
+        write_main_section(list(matrix.results.values()))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from scale_ssl.cli.main import EXIT_BAD_INPUT, main
+from scale_ssl.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "simclr", "fmnist_cpu.yaml")
@@ -115,6 +116,9 @@ def test_torchrun_two_ranks_fit(fmnist_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ddp x2" in proc.stdout, proc.stdout
     assert "16/device x 2" in proc.stdout  # global 32 = 16 per rank x 2 ranks
+    # The config's default: BatchNorm over both ranks' samples, and the banner says so.
+    assert "BatchNorm: global over the 2 ranks' 32 samples (trainer.sync_batchnorm=true)" in proc.stdout, proc.stdout
+    assert "terminate called" not in proc.stderr  # ranks leave cleanly (strategies/ddp.py)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["world_size"] == 2
     assert len(ckpt["rng_states"]) == 2
@@ -122,15 +126,29 @@ def test_torchrun_two_ranks_fit(fmnist_shards, tmp_path):
 
 def test_dp_from_the_command_line(fmnist_shards, tmp_path):
     args = tiny_overrides(fmnist_shards, tmp_path, strategy="dp") + ["trainer.devices=2", "tracking.enabled=false",
-                                                                     "trainer.num_threads=1"]
+                                                                     "trainer.num_threads=1", "trainer.sync_batchnorm=false"]
     assert main(["fit", "--config", CONFIG, *args]) == 0
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
 
 
 def test_dp_without_devices_is_a_clear_error(capsys, fmnist_shards, tmp_path):
-    line = _error_of(["fit", "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="dp")], capsys)
+    line = _error_of(["fit", "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="dp"),
+                      "trainer.sync_batchnorm=false"], capsys)
     assert "trainer.devices" in line
+
+
+def test_every_multi_part_strategy_takes_the_default_global_batchnorm(fmnist_shards, tmp_path):
+    """The configs default to global BN, and every strategy that splits a batch honours it."""
+    from scale_ssl.cli.fit import GLOBAL_BATCHNORM_STRATEGIES, build_strategy_from_config
+
+    for strategy in GLOBAL_BATCHNORM_STRATEGIES:
+        overrides = [*tiny_overrides(fmnist_shards, tmp_path, strategy=strategy), "trainer.devices=2"]
+        config = load_config(CONFIG, overrides)
+        assert config.trainer.sync_batchnorm is True
+        if strategy == "xla":
+            continue  # building it needs torch_xla (tests/xla)
+        assert build_strategy_from_config(config).sync_batchnorm is True, strategy
 
 
 @pytest.mark.timeout(600)
@@ -140,6 +158,7 @@ def test_torchrun_deepspeed_zero2_bf16_with_a_user_json(fmnist_shards, tmp_path)
         os.path.join(VENV_BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "scale_ssl", "fit",
         "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path, strategy="deepspeed"), "tracking.enabled=false",
         "trainer.precision=bf16-mixed", f"trainer.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
+        "trainer.sync_batchnorm=false",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

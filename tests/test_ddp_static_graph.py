@@ -11,7 +11,7 @@ from scale_ssl.cli.fit import build_strategy_from_config
 from scale_ssl.config import ConfigError, load_config
 from scale_ssl.methods import SimCLR
 from scale_ssl.strategies import DDPStrategy
-from scale_ssl.trainer import Trainer
+from scale_ssl.trainer import Callback, Trainer
 from scale_ssl.trainer.seed import seed_everything
 from tests.distributed import run_on_ranks
 
@@ -38,12 +38,22 @@ def _fit(rank, world, static_graph):
         sl = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         batches.append(((x1[sl], x2[sl]), torch.zeros(GLOBAL_BATCH // world, dtype=torch.long)))
     model = make_simclr()
+    wrapper = SeeWrapper()
     trainer = Trainer(strategy=DDPStrategy(accelerator="cpu", static_graph=static_graph), max_steps=STEPS,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1)
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1,
+                      callbacks=[wrapper])
     trainer.fit(model, batches)
-    assert isinstance(trainer.wrapped, DistributedDataParallel)
-    return ({k: v.clone() for k, v in model.state_dict().items()}, bool(trainer.wrapped.static_graph),
+    assert wrapper.is_ddp
+    return ({k: v.clone() for k, v in model.state_dict().items()}, wrapper.static_graph,
             float(trainer.callback_metrics["train/loss"]))
+
+
+class SeeWrapper(Callback):
+    """Looks at the training wrapper while fit runs (it is dropped when fit ends)."""
+
+    def on_train_end(self, trainer, module):
+        self.is_ddp = isinstance(trainer.wrapped, DistributedDataParallel)
+        self.static_graph = bool(trainer.wrapped.static_graph)
 
 
 @pytest.mark.timeout(240)

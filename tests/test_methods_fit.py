@@ -25,6 +25,8 @@ METHOD_OVERRIDES = {
     "moco": ["model.emb_dim=32", "model.num_negatives=128"],
     "byol": ["model.projector_hidden_dim=256", "model.projector_out_dim=32"],
     "simsiam": ["model.hidden_mlp=128", "model.feat_dim=128", "model.predictor_hidden_dim=32"],
+    "dino": ["model.out_dim=256", "model.hidden_dim=128", "model.bottleneck_dim=64", "model.warmup_steps=2",
+             "model.learning_rate=0.001"],
 }
 
 
@@ -75,7 +77,7 @@ def loss_went_down(method, losses, window):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", ["swav", "moco", "byol", "simsiam"])
+@pytest.mark.parametrize("method", ["swav", "moco", "byol", "simsiam", "dino"])
 def test_short_real_fit_on_two_ddp_ranks_lowers_the_loss(method, fmnist_shards, tmp_path):
     _, losses, _ = fit_two_ranks(method, fmnist_shards, tmp_path, steps=10)
     assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))

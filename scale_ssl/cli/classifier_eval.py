@@ -118,15 +118,13 @@ def run_classifier_eval(args, mode: str) -> dict[str, float]:
     )  # fmt: skip
     common = dict(optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.momentum,
                   nesterov=args.nesterov, weight_decay=args.weight_decay)  # fmt: skip
-    try:
-        if mode == "linear":
-            figures, _ = linear_probe(encoder, feature_dim, num_classes, train_stream, test_data, trainer, **common)
-        else:
-            figures, _ = finetune(encoder, feature_dim, num_classes, train_stream, test_data, trainer,
-                                  encoder_learning_rate=args.encoder_learning_rate, hidden_dim=args.hidden_dim,
-                                  dropout=args.dropout, **common)  # fmt: skip
-    finally:
-        strategy.teardown()
+    if mode == "linear":
+        figures, _ = linear_probe(encoder, feature_dim, num_classes, train_stream, test_data, trainer, **common)
+    else:
+        figures, _ = finetune(encoder, feature_dim, num_classes, train_stream, test_data, trainer,
+                              encoder_learning_rate=args.encoder_learning_rate, hidden_dim=args.hidden_dim,
+                              dropout=args.dropout, **common)  # fmt: skip
+    strategy.teardown()  # on success; after an error the strategy's exit hook does it (strategies/ddp.py)
 
     if strategy.is_global_zero:
         print(f"\neval {mode}: {config.method} encoder (step {checkpoint.get('global_step')}) on {d.val_shards}: "

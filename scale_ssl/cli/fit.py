@@ -18,10 +18,15 @@ from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.seed import seed_everything
 
 
+# Strategies that normalise BatchNorm over the global batch when trainer.sync_batchnorm is true (the
+# default); a one-process run already normalises over its whole batch, so the flag changes nothing there.
+GLOBAL_BATCHNORM_STRATEGIES = ("ddp", "xla", "dp", "deepspeed")
+
+
 def build_strategy_from_config(config: DictConfig):
     t = config.trainer
     options = {"accelerator": t.accelerator}
-    if t.strategy in ("ddp", "xla"):  # both convert BN to global-batch statistics
+    if t.strategy in GLOBAL_BATCHNORM_STRATEGIES:
         options["sync_batchnorm"] = t.sync_batchnorm
     if t.strategy == "ddp":
         options["timeout_s"] = t.collective_timeout_s
@@ -35,8 +40,6 @@ def build_strategy_from_config(config: DictConfig):
     elif t.strategy == "deepspeed":
         options.update(zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                        offload_parameters=t.offload_parameters, config=t.deepspeed_config)
-    if t.sync_batchnorm and t.strategy not in ("ddp", "xla"):
-        raise ConfigError(f"trainer.sync_batchnorm=true needs trainer.strategy=ddp or xla (got {t.strategy!r})")
     return build_strategy(t.strategy, **options)
 
 
@@ -68,6 +71,27 @@ def build_train_stream(config: DictConfig, strategy, batch_size: int) -> Sharded
         image_keys=list(d.image_keys) or None,
         label_key=d.label_key,
     )
+
+
+def batchnorm_line(config: DictConfig, module, world_size: int, per_device: int) -> str:
+    """What the run's BatchNorm layers normalise over, for the start-up banner."""
+    t = config.trainer
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return "BatchNorm: none in this model"
+    step_batch = t.global_batch_size // t.accumulate_grad_batches
+    if t.strategy == "dp":
+        return (f"BatchNorm: per dp part (trainer.sync_batchnorm=false): each of the {t.devices} parts is normalised "
+                "with its own statistics")
+    if world_size == 1:
+        return f"BatchNorm: over the whole batch of {step_batch} (one process)"
+    if not t.sync_batchnorm and (config.model or {}).get("sync_bn"):
+        return "BatchNorm: global over the ranks, by the model's own model.sync_bn=true"
+    if t.sync_batchnorm:
+        return (f"BatchNorm: global over the {world_size} ranks' {step_batch} samples (trainer.sync_batchnorm=true): "
+                f"{world_size} x {per_device} trains as one process on {step_batch}")
+    return (f"BatchNorm: PER RANK (trainer.sync_batchnorm=false): each rank normalises with the statistics of its own "
+            f"{per_device} samples, so {world_size} x {per_device} is not one process on {step_batch}, and a contrastive "
+            "model can tell the ranks' samples apart by them (google-research/simclr #114)")
 
 
 def run_fit(config: DictConfig):
@@ -155,8 +179,9 @@ def run_fit(config: DictConfig):
             f"{d['negatives_per_anchor']} negatives per anchor",
             flush=True,
         )
-    try:
-        trainer.fit(module, stream, ckpt_path=t.ckpt_path)
-    finally:
-        strategy.teardown()
+        print("scale_ssl fit: " + batchnorm_line(config, module, d["world_size"], per_process), flush=True)
+    trainer.fit(module, stream, ckpt_path=t.ckpt_path)
+    # Nothing after fit needs the group. After an error the strategy's exit hook destroys it
+    # instead, once the traceback holding DDP's frames is released (strategies/ddp.py).
+    strategy.teardown()
     return trainer, module

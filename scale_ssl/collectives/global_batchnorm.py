@@ -11,7 +11,9 @@ Per channel, each rank contributes its count n_r, mean m_r and sum of squared de
     N = sum_r n_r,   mean = sum_r n_r m_r / N,   M2 = sum_r (M2_r + n_r (m_r - mean)^2)
     y = (x - mean) / sqrt(M2 / N + eps) * weight + bias
 
-The running variance uses the unbiased M2 / (N - 1), as ``nn.BatchNorm`` does.
+The running variance uses the unbiased M2 / (N - 1), as ``nn.BatchNorm`` does. Where the ranks
+are the parts of one dp step sharing one module (``PartsCollective``), part 0 alone updates the
+running statistics.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
-        x = input.float()
+        x = input if input.dtype == torch.float64 else input.float()  # statistics in fp32 at least
         count = x.numel() // channels
         local_mean = x.mean(dim=dims)
         shape = [1, channels] + [1] * (input.dim() - 2)
@@ -53,7 +55,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         m2 = (m2s + counts * (means - mean) ** 2).sum(dim=0)
         var = m2 / total
 
-        if self.track_running_stats:
+        # Parts of one dp step update one set of buffers: once, not once per part.
+        shared = getattr(collective, "replicas_share_buffers", False)
+        if self.track_running_stats and (not shared or collective.rank == 0):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

@@ -35,7 +35,11 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 0
     enable_progress_bar: bool = True
     default_root_dir: str = "runs/default"
-    sync_batchnorm: bool = False
+    # BatchNorm statistics over the global batch (ddp, xla), so N ranks x b train as one process
+    # on N x b. false: per-rank statistics (each rank normalises with its own b samples, and a
+    # contrastive model can tell ranks apart). Nothing to do under single (one process sees the
+    # whole batch); dp and deepspeed have no global BN here and need false.
+    sync_batchnorm: bool = True
     seed: int = 0
     ckpt_path: Optional[str] = None
     # Threads per process for intra-op CPU parallelism; null: cores / local ranks.

@@ -2,6 +2,7 @@
 
 from scale_ssl.losses.byol_loss import BYOLLoss
 from scale_ssl.losses.cpc import CPCTask
+from scale_ssl.losses.dino_loss import DINOLoss
 from scale_ssl.losses.feature_map_contrastive import AmdimNCELoss, FeatureMapContrastiveTask
 from scale_ssl.losses.infonce_queue import InfoNCEQueueLoss
 from scale_ssl.losses.negative_cosine import NegativeCosineLoss
@@ -12,6 +13,7 @@ from scale_ssl.losses.swav_loss import SwAVLoss
 __all__ = [
     "AmdimNCELoss",
     "CPCTask",
+    "DINOLoss",
     "FeatureMapContrastiveTask",
     "BYOLLoss",
     "InfoNCEQueueLoss",

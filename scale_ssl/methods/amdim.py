@@ -23,7 +23,7 @@ from torch import nn
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import FeatureMapContrastiveTask
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
-from scale_ssl.models import RESNET_ARCHITECTURES
+from scale_ssl.models import RESNET_ARCHITECTURES, is_vit_arch
 from scale_ssl.models.amdim_encoder import AMDIMEncoder
 from scale_ssl.models.feature_map_resnet import ResNetFeatureMaps
 from scale_ssl.trainer import SSLModule
@@ -114,6 +114,12 @@ class AMDIM(SSLModule):
         elif encoder in RESNET_ARCHITECTURES:
             self.encoder = ResNetFeatureMaps(encoder, image_channels, embedding_fx_dim, first_conv=first_conv,
                                              maxpool1=maxpool1)
+        elif is_vit_arch(encoder):
+            raise ValueError(
+                f"AMDIM: encoder={encoder!r} is a Vision Transformer, but AMDIM contrasts a convolutional encoder's "
+                "feature maps at several spatial scales (its 1x1, 5x5 and 7x7 maps), which a ViT's one grid of patch "
+                "tokens does not provide; use 'amdim_encoder' or a ResNet name (ViTs: simclr, moco, byol, simsiam, swav, dino)"
+            )
         else:
             raise ValueError(
                 f"AMDIM: encoder={encoder!r} is not known; use 'amdim_encoder', a ResNet name "

@@ -11,7 +11,9 @@ Self-Supervised Learning", NeurIPS 2020 (arXiv:2006.07733).
 
 The target is a submodule without gradients, so it is in the ``state_dict`` (hence in every
 checkpoint) and resume is exact. The EMA runs in ``on_train_batch_end``, after the optimizer
-step, on every rank alike: no strategy-specific code. The loss is per sample: nothing to gather.
+step, on every rank alike: no strategy-specific code. It reads the optimizer's fp32 weights
+(``master_weights``) and the target stays fp32 and whole (``ema_target_modules``) whatever the
+engine's precision or ZeRO stage. The loss is per sample: nothing to gather.
 
 Arguments follow pl_bolts' ``BYOL``; world size and batch size come from the trainer and stream.
 """
@@ -22,9 +24,9 @@ import torch
 
 from scale_ssl.data import BYOLViews
 from scale_ssl.losses import BYOLLoss
-from scale_ssl.methods.ema import cosine_tau, ema_update_, frozen_copy
+from scale_ssl.methods.ema import cosine_tau, ema_step, frozen_copy
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
-from scale_ssl.models import ProjectionHead, build_resnet_encoder
+from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.trainer import SSLModule
 
 
@@ -34,7 +36,8 @@ class BYOL(SSLModule):
     Args:
         learning_rate / weight_decay: LARS (paper: 0.2 x batch / 256, 1.5e-6) under a per-step
             warmup-cosine schedule (``warmup_epochs`` or ``warmup_steps``; ``final_lr``).
-        base_encoder / in_channels / first_conv / maxpool1: the encoder (``build_resnet_encoder``).
+        base_encoder / in_channels / first_conv / maxpool1 / encoder_options: the encoder (``build_encoder``:
+            a ResNet, or a ViT ``vit_<size>_<patch>`` with ``encoder_options`` image_size/drop_path_rate/pool).
         encoder_out_dim: the encoder's feature size (2048 for resnet50, 512 for resnet10/18/34);
             ``None`` takes it from ``base_encoder``; a mismatch is an error.
         projector_hidden_dim / projector_out_dim: projector and predictor MLP sizes (4096 / 256).
@@ -63,6 +66,7 @@ class BYOL(SSLModule):
         warmup_steps: int | None = None,
         start_lr: float = 0.0,
         final_lr: float = 0.0,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -71,9 +75,8 @@ class BYOL(SSLModule):
                            warmup_epochs=warmup_epochs, start_lr=start_lr, final_lr=final_lr)
         if not 0 <= initial_tau <= 1:
             raise ValueError(f"BYOL: initial_tau must be in [0, 1] (paper: 0.996), got {initial_tau!r}")
-        self.encoder, feature_dim = build_resnet_encoder(
-            base_encoder, in_channels=in_channels, first_conv=first_conv, maxpool1=maxpool1
-        )
+        self.encoder, feature_dim = build_encoder(base_encoder, in_channels=in_channels, first_conv=first_conv,
+                                                  maxpool1=maxpool1, options=encoder_options, owner="BYOL")
         if encoder_out_dim is not None and encoder_out_dim != feature_dim:
             raise ValueError(
                 f"BYOL: encoder_out_dim={encoder_out_dim} but {base_encoder} outputs {feature_dim} features; "
@@ -128,8 +131,12 @@ class BYOL(SSLModule):
         if self.global_step != self._ema_step:
             self._ema_step = self.global_step
             self.current_tau = self.tau_for_step(self.global_step - 1)
-            ema_update_(self.target_encoder, self.encoder, self.current_tau)
-            ema_update_(self.target_projector, self.projector, self.current_tau)
+            # On the fp32 values (DeepSpeed: the master copy and the target's fp32 copy).
+            ema_step(self, self.target_encoder, self.encoder, self.current_tau)
+            ema_step(self, self.target_projector, self.projector, self.current_tau)
+
+    def ema_target_modules(self) -> list:
+        return [self.target_encoder, self.target_projector]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._ema_step = int(checkpoint.get("global_step", 0))

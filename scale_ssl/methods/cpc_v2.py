@@ -29,7 +29,7 @@ from scale_ssl.data.patches import patch_grid_size
 from scale_ssl.losses import CPCTask
 from scale_ssl.methods.amdim import build_contrastive_task, drop_module_hparams
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
-from scale_ssl.models import RESNET_ARCHITECTURES, build_resnet_encoder
+from scale_ssl.models import RESNET_ARCHITECTURES, build_resnet_encoder, is_vit_arch
 from scale_ssl.models.cpc_encoder import CPCEncoder, CPCPatchEncoder
 from scale_ssl.trainer import SSLModule
 
@@ -137,6 +137,13 @@ class CPCV2(SSLModule):
         if encoder_name in RESNET_ARCHITECTURES:
             # Patches are tiny (8 px): the small-image stem, no max-pool.
             return build_resnet_encoder(encoder_name, in_channels=channels, first_conv=False, maxpool1=False)
+        if is_vit_arch(encoder_name):
+            raise ValueError(
+                f"CPCV2: encoder_name={encoder_name!r} is a Vision Transformer, but CPC v2 encodes every small patch of its "
+                "grid on its own into one vector and predicts rows of those vectors from the rows above; a ViT cuts "
+                "the image into patches itself and is no per-patch encoder; use 'cpc_encoder' or a ResNet name "
+                "(ViTs: simclr, moco, byol, simsiam, swav, dino)"
+            )
         raise ValueError(
             f"CPCV2: encoder_name={encoder_name!r} is not known; use 'cpc_encoder', a ResNet name "
             f"({', '.join(RESNET_ARCHITECTURES)}) or an nn.Module mapping patches to vectors"

@@ -10,7 +10,11 @@ Contrastive Learning", 2020 (arXiv:2003.04297): MLP head, stronger augmentation,
     enqueue the keys of the whole global batch; theta_k <- m theta_k + (1 - m) theta_q
 
 Distributed: keys are gathered from every rank (no gradient) and enqueued into one global queue,
-identical on every rank and saved once in the checkpoint (``MoCoQueue``). BatchNorm in the key
+identical on every rank and saved once in the checkpoint (``MoCoQueue``). The queue changes once per
+optimizer step, after it: with ``accumulate_grad_batches > 1`` every micro-batch is scored against
+the same queue and the step enqueues all micro-batches' keys in order, so accumulation equals one
+process on the whole batch (as far as the encoders' BatchNorm allows: its statistics are the
+micro-batch's). BatchNorm in the key
 encoder would let a query find its key by batch statistics; MoCo prevents it with *shuffling BN*:
 the key batch is gathered, permuted with a permutation broadcast from rank 0, encoded in shards
 and un-shuffled, so each rank's key BN sees a random mix of images (``shuffle_bn``, used when the
@@ -30,10 +34,10 @@ from torch import nn
 from scale_ssl.collectives import convert_to_global_batchnorm
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import InfoNCEQueueLoss
-from scale_ssl.methods.ema import ema_update_, frozen_copy
+from scale_ssl.methods.ema import ema_step, frozen_copy
 from scale_ssl.methods.moco_queue import MoCoQueue
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
-from scale_ssl.models import build_resnet_encoder
+from scale_ssl.models import build_encoder
 from scale_ssl.trainer import SSLModule
 
 
@@ -48,7 +52,8 @@ class MoCoV2(SSLModule):
 
     Args:
         base_encoder: ResNet name (``resnet18``, ``resnet50``, ...; ``resnet10`` for CPU demos).
-        in_channels / first_conv / maxpool1: the encoder stem (see ``build_resnet_encoder``).
+        in_channels / first_conv / maxpool1 / encoder_options: the encoder (see ``build_encoder``; a ViT
+            ``vit_<size>_<patch>`` has no BatchNorm, so it needs ``shuffle_bn=False``).
         emb_dim: key/query size (128).
         num_negatives: K, the global queue length (65536); a multiple of the global batch.
         encoder_momentum: m of the momentum encoder (0.999).
@@ -80,6 +85,7 @@ class MoCoV2(SSLModule):
         warmup_epochs: float = 0,
         warmup_steps: int | None = None,
         final_lr: float = 0.0,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -88,15 +94,22 @@ class MoCoV2(SSLModule):
                            warmup_epochs=warmup_epochs, final_lr=final_lr)
         if not 0 <= encoder_momentum <= 1:
             raise ValueError(f"MoCoV2: encoder_momentum must be in [0, 1] (MoCo: 0.999), got {encoder_momentum!r}")
-        self.encoder, self.feature_dim = build_resnet_encoder(
-            base_encoder, in_channels=in_channels, first_conv=first_conv, maxpool1=maxpool1
-        )
+        self.encoder, self.feature_dim = build_encoder(base_encoder, in_channels=in_channels, first_conv=first_conv,
+                                                       maxpool1=maxpool1, options=encoder_options, owner="MoCoV2")
         self.projection = _moco_head(self.feature_dim, emb_dim, use_mlp)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in (*self.encoder.modules(), *self.projection.modules()))
+        if shuffle_bn and not sync_bn and not has_bn:
+            # Shuffling BN exists to hide the key batch's statistics from the key BatchNorm; with none
+            # in the key path it would gather and scatter every key image for an identical result.
+            raise ValueError(
+                f"MoCoV2: shuffle_bn=true guards the key encoder's BatchNorm, but {base_encoder!r} with this head has no "
+                "BatchNorm (a ViT normalises with LayerNorm, per image), so shuffling would only move every key image "
+                "between ranks for the same keys; set model.shuffle_bn=false"
+            )
         self.momentum_encoder = frozen_copy(self.encoder)
         self.momentum_projection = frozen_copy(self.projection)
         self.criterion = InfoNCEQueueLoss(softmax_temperature)
         self.queue = MoCoQueue(num_negatives, emb_dim)
-        self._keys_to_enqueue: torch.Tensor | None = None
         self._ema_step = 0
 
     @classmethod
@@ -146,31 +159,44 @@ class MoCoV2(SSLModule):
         (x_q, x_k), _labels = batch
         return {"q": self.projection(self.encoder(x_q)), "k": self._keys(x_k)}
 
+    def _accumulation(self) -> int:
+        return getattr(self.trainer, "accumulate_grad_batches", 1) if self.trainer is not None else 1
+
+    def on_train_batch_start(self, batch, batch_idx: int):
+        # First micro-batch of an optimizer step: keys still held belong to a step that was
+        # skipped (non-finite loss), and are dropped with it.
+        if batch_idx % self._accumulation() == 0:
+            self.queue.drop_held()
+
     def training_step_end(self, outputs):
         # The loss and the keys to enqueue are taken here so that under strategy=dp every part's
         # keys enter the queue once (a per-part stash from threads would keep only one part's).
         q, k = outputs["q"], outputs["k"]
-        if self._ema_step == 0 and self.global_step == 0:
-            # q holds this rank's whole batch here (all dp parts), so this is the global batch
-            _check_queue_divides(self.queue.length, q.shape[0] * self.collective.world_size)
+        if self._ema_step == 0 and self.global_step == 0 and self.queue.held == 0:
+            # q holds this rank's whole micro-batch here (all dp parts); one optimizer step
+            # enqueues the keys of every micro-batch of every rank: the global batch
+            _check_queue_divides(self.queue.length, q.shape[0] * self.collective.world_size * self._accumulation())
         loss, top1 = self.criterion(q, k, self.queue.keys.to(q.device))
-        # Enqueued after backward (on_train_batch_end): the loss still needs this queue.
-        self._keys_to_enqueue = self.collective.all_gather(k, grad=False)
+        # Enqueued after the optimizer step (on_train_batch_end): every micro-batch of the step
+        # is scored against the same queue, as one process on the whole batch would be.
+        self.queue.hold(self.collective.all_gather(k, grad=False))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/top1_positive", top1, sync_dist=True)
         self.log("train/negatives_per_anchor", self.queue.length)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._keys_to_enqueue is not None:
-            self.queue.enqueue(self._keys_to_enqueue)
-            self._keys_to_enqueue = None
-        # Once per optimizer step (not per accumulated micro-batch).
+        # Once per optimizer step (not per accumulated micro-batch), after it.
         if self.global_step != self._ema_step:
             self._ema_step = self.global_step
+            self.queue.enqueue_held()
             m = self.hparams["encoder_momentum"]
-            ema_update_(self.momentum_encoder, self.encoder, m)
-            ema_update_(self.momentum_projection, self.projection, m)
+            # On the fp32 values (DeepSpeed: the master copy and the target's fp32 copy).
+            ema_step(self, self.momentum_encoder, self.encoder, m)
+            ema_step(self, self.momentum_projection, self.projection, m)
+
+    def ema_target_modules(self) -> list:
+        return [self.momentum_encoder, self.momentum_projection]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Identical on every rank (every rank enqueues the same global keys): stored once.

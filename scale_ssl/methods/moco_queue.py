@@ -9,6 +9,12 @@ on any number of ranks with the same queue and pointer (DESIGN.md, contract 4).
 The write position wraps modulo K, so a batch whose size does not divide K (a short last batch)
 enqueues fine: pl_bolts and the original code asserted ``K % batch == 0`` and crashed there
 (facebookresearch/moco PRs #99/#100).
+
+Under gradient accumulation the queue changes once per optimizer step, as it does for one process
+on the whole batch: each micro-batch's keys are *held* (``hold``) while every micro-batch of the
+step scores its queries against the same queue, and the step enqueues all of them at once, in
+micro-batch order (``enqueue_held``). Keys of a step that was skipped (non-finite loss) are
+dropped (``drop_held``), so a NaN key never enters the queue.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class MoCoQueue:
         self.length, self.dim = length, dim
         self.keys = F.normalize(torch.randn(length, dim, generator=generator), dim=1)
         self.ptr = 0
+        self._held: list[torch.Tensor] = []
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -45,6 +52,26 @@ class MoCoQueue:
         index = (self.ptr + torch.arange(n, device=keys.device)) % self.length
         self.keys[index] = keys.detach().to(self.keys.dtype)
         self.ptr = (self.ptr + n) % self.length
+
+    @torch.no_grad()
+    def hold(self, keys: torch.Tensor) -> None:
+        """Keep one micro-batch's global keys (n, dim) until the optimizer step."""
+        self._held.append(keys.detach())
+
+    @property
+    def held(self) -> int:
+        """Keys held for the coming optimizer step."""
+        return sum(k.shape[0] for k in self._held)
+
+    def enqueue_held(self) -> None:
+        """Enqueue every held micro-batch's keys, in the order they were held (the step's global batch)."""
+        if self._held:
+            keys = torch.cat(self._held) if len(self._held) > 1 else self._held[0]
+            self._held = []
+            self.enqueue(keys)
+
+    def drop_held(self) -> None:
+        self._held = []
 
     def state_dict(self) -> dict:
         return {"keys": self.keys.detach().cpu().clone(), "ptr": int(self.ptr)}

@@ -21,7 +21,7 @@ import torch
 
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import NTXentLoss
-from scale_ssl.models import ProjectionHead, build_resnet_encoder
+from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.optim import LARS, WarmupCosineSchedule, exclude_bn_bias_groups
 from scale_ssl.trainer import SSLModule
 
@@ -32,7 +32,10 @@ class SimCLR(SSLModule):
     """SimCLR with a torchvision ResNet encoder and a 2-layer projection head.
 
     Args:
-        arch: torchvision ResNet name (``resnet18``, ``resnet50``, ...; ``resnet10`` for CPU demos).
+        arch: torchvision ResNet name (``resnet18``, ``resnet50``, ...; ``resnet10`` for CPU demos), or a ViT
+            ``vit_<size>_<patch>`` (``vit_b_16``, ``vit_s_16``, ``vit_mini_4``; see ``scale_ssl.models.vit``).
+        encoder_options: extra encoder arguments (``build_encoder``): a ViT's ``image_size``,
+            ``drop_path_rate`` and ``pool``.
         in_channels: 1 for grayscale images (built into the stem; no fake RGB), 3 for colour.
         first_conv / maxpool1: False/False is the small-image (CIFAR, 28-32 px) variant.
         hidden_mlp / feat_dim: projection head widths (paper: 2048 / 128).
@@ -63,6 +66,7 @@ class SimCLR(SSLModule):
         warmup_epochs: float = 10,
         warmup_steps: int | None = None,
         exclude_bn_bias: bool = False,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -72,9 +76,8 @@ class SimCLR(SSLModule):
                             ("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"SimCLR: {name} must be a number >= 0, got {value!r}")
-        self.encoder, self.feature_dim = build_resnet_encoder(
-            arch, in_channels=in_channels, first_conv=first_conv, maxpool1=maxpool1
-        )
+        self.encoder, self.feature_dim = build_encoder(arch, in_channels=in_channels, first_conv=first_conv,
+                                                       maxpool1=maxpool1, options=encoder_options, owner="SimCLR")
         self.projection = ProjectionHead(self.feature_dim, hidden_mlp, feat_dim)
         self.criterion = NTXentLoss(temperature)
 

@@ -22,7 +22,7 @@ import torch
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import NegativeCosineLoss
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
-from scale_ssl.models import ProjectionHead, build_resnet_encoder
+from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.optim import exclude_bn_bias_groups
 from scale_ssl.trainer import SSLModule
 
@@ -31,7 +31,8 @@ class SimSiam(SSLModule):
     """SimSiam with a torchvision ResNet encoder.
 
     Args:
-        arch / in_channels / first_conv / maxpool1: the encoder (``build_resnet_encoder``).
+        arch / in_channels / first_conv / maxpool1 / encoder_options: the encoder (``build_encoder``: a
+            ResNet, or a ViT ``vit_<size>_<patch>`` with ``encoder_options`` image_size/drop_path_rate/pool).
         hidden_mlp / feat_dim: projection MLP width and output size (paper: 2048 / 2048).
         predictor_hidden_dim: predictor bottleneck (paper: 512).
         optimizer / learning_rate / momentum / weight_decay: SGD, lr = 0.05 x batch / 256, 0.9,
@@ -60,15 +61,15 @@ class SimSiam(SSLModule):
         start_lr: float = 0.0,
         final_lr: float = 0.0,
         max_epochs: int = 100,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         check_optimizer_name("SimSiam", optimizer)
         check_non_negative("SimSiam", learning_rate=learning_rate, weight_decay=weight_decay,
                            warmup_epochs=warmup_epochs, start_lr=start_lr, final_lr=final_lr)
-        self.encoder, self.feature_dim = build_resnet_encoder(
-            arch, in_channels=in_channels, first_conv=first_conv, maxpool1=maxpool1
-        )
+        self.encoder, self.feature_dim = build_encoder(arch, in_channels=in_channels, first_conv=first_conv,
+                                                       maxpool1=maxpool1, options=encoder_options, owner="SimSiam")
         self.projector = ProjectionHead(self.feature_dim, hidden_mlp, feat_dim, num_layers=3, last_bn=True)
         self.predictor = ProjectionHead(feat_dim, predictor_hidden_dim, feat_dim, num_layers=2)
         self.criterion = NegativeCosineLoss()

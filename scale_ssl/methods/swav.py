@@ -10,9 +10,19 @@ Contrasting Cluster Assignments", NeurIPS 2020 (arXiv:2006.09882).
     L = swapped prediction of q from the other crops' softmax(s / T)   (``SwAVLoss``)
 
 Distributed: Sinkhorn sums over all ranks (``distributed_sinkhorn``); the queue is one logical
-global queue sharded over ranks and checkpointed as such (``SwAVQueue``). Prototype gradients are
-dropped during the first ``freeze_prototypes_epochs`` epochs (paper, appendix A.1), through the
-``on_before_optimizer_step`` hook, so every strategy's reduced gradients are frozen alike.
+global queue sharded over ranks and checkpointed as such (``SwAVQueue``). The prototypes take no
+update during the first ``freeze_prototypes_epochs`` epochs (paper, appendix A.1): the
+``on_before_optimizer_step`` hook asks the strategy to ``skip_update`` them, so they stay bitwise
+unchanged on every strategy, also where ZeRO keeps its own flattened gradients and fp32 master
+copy. Their normalisation writes that master copy too (``set_master_weights``).
+
+Gradient accumulation: each micro-batch is one Sinkhorn batch (its rows on every rank, plus the
+queue), and it pushes its rows into the queue after its loss, as a run whose global batch is the
+micro-batch would. Unlike MoCo's per-sample InfoNCE, no queue policy can make accumulation equal
+one process on the whole optimizer batch: the equipartition couples the rows Sinkhorn is given,
+so the codes of one micro-batch depend on which rows share it (``derived_run_figures`` reports
+``sinkhorn_rows`` per micro-batch). N ranks still equal one process accumulating the same
+micro-batches, queue included (``tests/test_swav_method.py``).
 
 Arguments follow pl_bolts' ``SwAV``, except that world size, per-device batch and sample counts
 come from the trainer and the data stream (no ``gpus``/``nodes``/``batch_size``/``num_samples``).
@@ -30,7 +40,7 @@ from scale_ssl.data import MultiCropViews
 from scale_ssl.losses import SwAVLoss
 from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.methods.swav_queue import SwAVQueue
-from scale_ssl.models import ProjectionHead, build_resnet_encoder
+from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.trainer import SSLModule
 
 _VIEW_OPTIONS = ("num_crops", "size_crops", "min_scale_crops", "max_scale_crops")
@@ -40,7 +50,8 @@ class SwAV(SSLModule):
     """SwAV with a torchvision ResNet encoder, an MLP projection and K prototypes.
 
     Args:
-        arch / in_channels / first_conv / maxpool1: the encoder (see ``build_resnet_encoder``).
+        arch / in_channels / first_conv / maxpool1 / encoder_options: the encoder (see ``build_encoder``: a
+            ResNet, or a ViT ``vit_<size>_<patch>``, whose position embedding is resized for local crops).
         hidden_mlp: hidden width of the projection MLP (0: a single linear layer); paper 2048.
         feat_dim: embedding size (paper: 128).
         num_prototypes: K (paper: 3000 on ImageNet).
@@ -85,6 +96,7 @@ class SwAV(SSLModule):
         epsilon: float = 0.05,
         momentum: float = 0.9,
         warmup_steps: int | None = None,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -98,9 +110,8 @@ class SwAV(SSLModule):
         for name, value in (("num_prototypes", num_prototypes), ("feat_dim", feat_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SwAV: {name} must be a positive int, got {value!r}")
-        self.encoder, self.feature_dim = build_resnet_encoder(
-            arch, in_channels=in_channels, first_conv=first_conv, maxpool1=maxpool1
-        )
+        self.encoder, self.feature_dim = build_encoder(arch, in_channels=in_channels, first_conv=first_conv,
+                                                       maxpool1=maxpool1, options=encoder_options, owner="SwAV")
         if hidden_mlp == 0:
             self.projection = nn.Linear(self.feature_dim, feat_dim)
         else:
@@ -169,8 +180,11 @@ class SwAV(SSLModule):
 
     @torch.no_grad()
     def _normalize_prototypes(self) -> None:
+        """C <- C / ||C|| row-wise, on the optimizer's fp32 weights (under DeepSpeed its master
+        copy: a write to the module's bf16 copy would be overwritten by the next step)."""
         weight = self.prototypes.weight
-        weight.copy_(F.normalize(weight.float(), dim=1).to(weight.dtype))
+        (master,) = self.master_weights([weight])
+        self.set_master_weights([weight], [F.normalize(master.float(), dim=1)])
 
     def training_step(self, batch, batch_idx: int):
         crops, _labels = batch
@@ -187,10 +201,16 @@ class SwAV(SSLModule):
         # full batch rather than interleaving the parts' crops.
         return {"embedding": list(embedding.split(b)), "scores": list(scores.split(b))}
 
+    def _prototypes_frozen(self) -> bool:
+        return self.current_epoch < self.hparams["freeze_prototypes_epochs"]
+
     def on_train_batch_start(self, batch, batch_idx: int):
         # Once per (micro-)batch before any forward: under dp the parts then share one normalised
-        # weight instead of each thread rewriting it while another reads it.
-        self._normalize_prototypes()
+        # weight instead of each thread rewriting it while another reads it. Not while frozen:
+        # they have not moved since the last normalisation (at construction or after the last
+        # update), and normalising a unit vector again changes its last bits.
+        if not self._prototypes_frozen():
+            self._normalize_prototypes()
 
     def training_step_end(self, outputs):
         """Sinkhorn codes, the swapped-prediction loss and the queue push, on the whole batch:
@@ -221,9 +241,9 @@ class SwAV(SSLModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Paper, appendix A.1: the prototypes stay fixed at first, which helps the codes settle.
-        if self.current_epoch < self.hparams["freeze_prototypes_epochs"]:
-            for p in self.prototypes.parameters():
-                p.grad = None
+        # skip_update, not p.grad = None: ZeRO's partitions hold their own reduced gradients.
+        if self._prototypes_frozen():
+            self.skip_update(self.prototypes.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every rank runs this (the gather is a collective); rank zero writes the one logical queue.

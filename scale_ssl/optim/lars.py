@@ -18,15 +18,35 @@ usually *excluded*: they get neither the trust ratio nor weight decay, i.e. plai
 momentum. Exclude them either with parameter groups carrying ``lars_adaptation=False`` and
 ``weight_decay=0.0`` (``scale_ssl.optim.exclude_bn_bias_groups`` builds these), or with
 ``exclude_from_adaptation=callable(param) -> bool``, which removes a parameter from both.
+
+Sharded (DeepSpeed ZeRO): there the optimizer steps flat fp32 partitions, each holding pieces of
+several parameters, and a parameter may straddle two ranks' partitions. Told the layout of each
+partition (``use_flat_shards``; the DeepSpeed strategy does it), LARS sums the squared norms of
+p and of g + wd * p per *original* parameter over its pieces, all-reduces those sums over the
+ranks, and scales each piece by its parameter's trust ratio: the same update as one process with
+unsharded parameters (up to float summation order), not one trust ratio per partition.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
+
+
+@dataclass(frozen=True)
+class FlatShardLayout:
+    """How one flat tensor that LARS steps is cut into pieces of original parameters.
+
+    ``params`` lists the original parameters of the flat tensor's group, in an order every rank
+    shares (norms are all-reduced by index); ``pieces`` holds ``(index in params, start in the flat
+    tensor, length)`` for each piece this rank holds. Elements outside every piece are padding."""
+
+    params: tuple
+    pieces: tuple
 
 
 class LARS(Optimizer):
@@ -69,6 +89,8 @@ class LARS(Optimizer):
             )
         # Set before super().__init__, which calls add_param_group (and so our validation).
         self.exclude_from_adaptation = exclude_from_adaptation
+        self._flat_layouts: dict[int, FlatShardLayout] | None = None
+        self._all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov, lars_adaptation=True
         )
@@ -78,9 +100,19 @@ class LARS(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1], index=len(self.param_groups) - 1)
 
+    def use_flat_shards(self, layouts: dict[int, FlatShardLayout],
+                        all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Step flat (ZeRO) partitions: ``layouts`` maps ``id(flat tensor)`` to its layout;
+        ``all_reduce_sum`` sums a tensor over the ranks holding the other partitions (None when
+        every rank holds whole flat copies). From now on every tensor stepped must have a layout."""
+        self._flat_layouts = dict(layouts)
+        self._all_reduce_sum = all_reduce_sum
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("exclude_from_adaptation", None)
+        self.__dict__.setdefault("_flat_layouts", None)
+        self.__dict__.setdefault("_all_reduce_sum", None)
         for group in self.param_groups:
             group.setdefault("lars_adaptation", True)
             group.setdefault("nesterov", False)
@@ -94,29 +126,16 @@ class LARS(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            lr, momentum, weight_decay, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
+            lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("LARS: sparse gradients are not supported; use dense embeddings")
-                excluded = self.exclude_from_adaptation is not None and bool(self.exclude_from_adaptation(p))
-                adapt = group["lars_adaptation"] and not excluded
-
-                update = p.grad
-                if weight_decay != 0 and not excluded:
-                    update = update.add(p, alpha=weight_decay)
-                if adapt:
-                    param_norm = torch.linalg.vector_norm(p)
-                    update_norm = torch.linalg.vector_norm(update)
-                    # torch.where instead of a Python `if` keeps the step free of device-to-host
-                    # syncs; a zero norm (fresh zero-init layer, no gradient) means "no scaling".
-                    trust = torch.where(
-                        (param_norm > 0) & (update_norm > 0),
-                        eta * param_norm / update_norm,
-                        torch.ones_like(param_norm),
-                    )
-                    update = update.mul(trust)
+                if self._flat_layouts is not None:
+                    update = self._sharded_update(p, group)
+                else:
+                    update = self._update(p, group)
 
                 if momentum != 0:
                     state = self.state[p]
@@ -128,6 +147,64 @@ class LARS(Optimizer):
                     update = update.add(buffer, alpha=momentum) if group["nesterov"] else buffer
                 p.add_(update, alpha=-lr)
         return loss
+
+    def _excluded(self, p) -> bool:
+        return self.exclude_from_adaptation is not None and bool(self.exclude_from_adaptation(p))
+
+    def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """trust * (g + wd * p) for one whole parameter."""
+        weight_decay, eta = group["weight_decay"], group["eta"]
+        excluded = self._excluded(p)
+        adapt = group["lars_adaptation"] and not excluded
+        update = p.grad
+        if weight_decay != 0 and not excluded:
+            update = update.add(p, alpha=weight_decay)
+        if adapt:
+            param_norm = torch.linalg.vector_norm(p)
+            update_norm = torch.linalg.vector_norm(update)
+            # torch.where instead of a Python `if` keeps the step free of device-to-host
+            # syncs; a zero norm (fresh zero-init layer, no gradient) means "no scaling".
+            trust = torch.where(
+                (param_norm > 0) & (update_norm > 0),
+                eta * param_norm / update_norm,
+                torch.ones_like(param_norm),
+            )
+            update = update.mul(trust)
+        return update
+
+    def _sharded_update(self, flat: torch.Tensor, group: dict) -> torch.Tensor:
+        """trust * (g + wd * p) on a flat partition: per original parameter, over its pieces."""
+        layout = self._flat_layouts.get(id(flat))
+        if layout is None:
+            raise RuntimeError(
+                f"LARS: told that it steps flattened ZeRO partitions, but got a tensor of shape {tuple(flat.shape)} "
+                "with no layout; the engine re-created its partitions (rebuild the layouts after loading a checkpoint)"
+            )
+        weight_decay, eta = group["weight_decay"], group["eta"]
+        excluded = [self._excluded(param) for param in layout.params]
+        update = flat.grad.clone()
+        if weight_decay != 0:
+            for owner, start, length in layout.pieces:
+                if not excluded[owner]:
+                    update.narrow(0, start, length).add_(flat.narrow(0, start, length), alpha=weight_decay)
+        if not group["lars_adaptation"] or not layout.params:
+            return update
+        # Squared norms of p and of the update, per original parameter, summed over every rank.
+        sums = flat.new_zeros(2, len(layout.params), dtype=torch.float32)
+        if layout.pieces:
+            owners = torch.tensor([owner for owner, _, _ in layout.pieces], device=flat.device)
+            pieces = [(flat.narrow(0, s, n), update.narrow(0, s, n)) for _, s, n in layout.pieces]
+            squares = torch.stack([torch.stack([w.float().square().sum(), u.float().square().sum()]) for w, u in pieces], dim=1)
+            sums.index_add_(1, owners, squares)
+        if self._all_reduce_sum is not None:
+            sums = self._all_reduce_sum(sums)
+        param_norm, update_norm = sums.sqrt()
+        trust = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
+                            torch.ones_like(param_norm))
+        trust[torch.tensor(excluded, device=trust.device, dtype=torch.bool)] = 1.0
+        for owner, start, length in layout.pieces:
+            update.narrow(0, start, length).mul_(trust[owner].to(update.dtype))
+        return update
 
 
 def _validate_group(group: dict, index: int) -> None:

@@ -3,7 +3,10 @@
 SimCLR (Chen et al. 2020, arXiv:2002.05709) and BYOL (Grill et al. 2020, arXiv:2006.07733) apply
 neither weight decay nor the LARS trust ratio to biases and batch-norm parameters: these are
 1-D, have no scale a trust ratio could track, and decaying them towards zero only hurts. Goyal et
-al. 2017 (arXiv:1706.02677) likewise keep them out of weight decay.
+al. 2017 (arXiv:1706.02677) likewise keep them out of weight decay. A Vision Transformer's
+position embedding and class token (torchvision's ``pos_embedding`` / ``class_token``) are
+excluded too, as in DeiT/BEiT/MAE (timm's ``no_weight_decay``): they are learned embeddings, not
+weights whose scale decay should shrink.
 """
 
 from __future__ import annotations
@@ -11,6 +14,17 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+
+
+# Parameter names (last component) that are never decayed whatever their shape: the ViT's tokens.
+NO_DECAY_PARAMETER_NAMES = ("pos_embedding", "class_token")
+
+
+def excluded_from_weight_decay(name: str, param: torch.Tensor, skip_list: tuple[str, ...] = ("bias", "bn")) -> bool:
+    """The rule of this module: 1-D (biases, norm weights), a ViT position embedding or class
+    token, or a name containing an entry of ``skip_list``."""
+    return (param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_PARAMETER_NAMES
+            or any(entry in name for entry in skip_list))
 
 
 def exclude_bn_bias_groups(
@@ -22,7 +36,8 @@ def exclude_bn_bias_groups(
 
     1. ``{"params": [...], "weight_decay": weight_decay, "lars_adaptation": True}`` for the rest.
     2. ``{"params": [...], "weight_decay": 0.0, "lars_adaptation": False}`` for every parameter
-       that is 1-D (biases, norm weights) or whose name contains an entry of ``skip_list``.
+       that is 1-D (biases, norm weights), a ViT position embedding or class token, or whose name
+       contains an entry of ``skip_list`` (``excluded_from_weight_decay``).
 
     Parameters with ``requires_grad=False`` (frozen layers) are left out; a parameter passed twice
     (tied weights) is kept once. Either group may be empty. The extra ``lars_adaptation`` key is
@@ -59,7 +74,7 @@ def exclude_bn_bias_groups(
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        if param.ndim <= 1 or any(entry in name for entry in skip_list):
+        if excluded_from_weight_decay(name, param, skip_list):
             excluded.append(param)
         else:
             decayed.append(param)

@@ -5,7 +5,8 @@ SSL papers differ mostly in their recipe, so a run can switch it from YAML witho
     optim:
       optimizer: {name: LARS, momentum: 0.9, weight_decay: 1.0e-6}
       lr: {base: 0.3, scale: linear, reference_batch: 256}     # -> base x global_batch / 256
-      exclude_bn_bias: true                                     # biases/norm weights: no decay, no LARS
+      exclude_bn_bias: true                                     # biases/norms/ViT tokens: no decay, no LARS
+      layer_decay: 0.75                                         # ViT: lr x 0.75^(L + 1 - layer)
       param_groups:
         - {pattern: "projection.*", lr_scale: 10.0}
         - {pattern: "prototypes*", freeze_epochs: 1}
@@ -20,6 +21,12 @@ SSL papers differ mostly in their recipe, so a run can switch it from YAML witho
   options: ``lr`` (absolute) or ``lr_scale``, ``weight_decay``, any optimizer option, and
   ``freeze_epochs`` (gradients zeroed while ``epoch < freeze_epochs``). A pattern matching no
   parameter is an error; every trainable parameter lands in exactly one group.
+* ``exclude_bn_bias`` puts 1-D parameters (biases, norm weights), names containing ``bias``/``bn``
+  and a ViT's ``pos_embedding``/``class_token`` in a group without weight decay or LARS adaptation.
+* ``layer_decay`` (in (0, 1]) gives a ViT's parameters that no ``param_groups`` pattern claimed
+  the lr ``lr x layer_decay^(L + 1 - layer)`` (``layer_decay.py``: layer 0 is the patch/position
+  embedding and class token, block i is layer i + 1, the rest L + 1), one group per layer (and per
+  decayed/excluded when ``exclude_bn_bias``); schedulers scale every group alike.
 * ``lr_scheduler.name`` is ``warmup_cosine``, ``constant``, or any ``torch.optim.lr_scheduler``
   class (``SequentialLR``/``ChainedScheduler`` take ``schedulers: [...]``). A length written as
   ``{epochs: n}`` or ``{steps: n}`` is converted into the scheduler's ``interval`` unit with the
@@ -39,11 +46,13 @@ from typing import Any
 import torch
 
 from scale_ssl.optim.lars import LARS
+from scale_ssl.optim.layer_decay import layer_lr_scale, vit_layer_ids
 from scale_ssl.optim.named_rules import LENGTH_ARGUMENTS, RULES_BY_SCHEDULER, RuleError, build_rule, split_rule
+from scale_ssl.optim.param_groups import excluded_from_weight_decay
 from scale_ssl.optim.warmup_cosine import WarmupCosineSchedule
 
 LR_SCALES = ("linear", "sqrt", "none")
-_RECIPE_KEYS = {"optimizer", "lr", "exclude_bn_bias", "param_groups", "lr_scheduler", "swa"}
+_RECIPE_KEYS = {"optimizer", "lr", "exclude_bn_bias", "layer_decay", "param_groups", "lr_scheduler", "swa"}
 _GROUP_KEYS_OURS = {"pattern", "lr_scale", "freeze_epochs"}
 _MAX_SIMULATED_STEPS = 5_000_000  # the banner's end-of-run lr: beyond this, only step 0 is shown
 
@@ -136,6 +145,10 @@ class OptimRecipe:
         self.optimizer_cls, self.optimizer_kwargs = classes[name], optimizer
         self.global_batch_size = global_batch_size
         self.lr = effective_lr(config.get("lr", 1e-3), global_batch_size)
+        self.layer_decay = config.get("layer_decay")
+        if self.layer_decay is not None and (isinstance(self.layer_decay, bool) or not isinstance(self.layer_decay, (int, float))
+                                             or not 0 < self.layer_decay <= 1):
+            raise RecipeError(f"optim.layer_decay must be a number in (0, 1] (BEiT/MAE: 0.65-0.75), got {self.layer_decay!r}")
         self.groups = list(config.get("param_groups") or [])
         for i, group in enumerate(self.groups):
             if "pattern" not in group:
@@ -237,9 +250,12 @@ class OptimRecipe:
             if group.get("freeze_epochs"):
                 frozen.append((params, int(group["freeze_epochs"])))
         rest = [(n, p) for n, p in named if n not in assigned]
+        if self.layer_decay is not None and rest:
+            layered, layered_described = self._layer_decay_groups(named, rest, exclude, base_decay)
+            return out + layered, frozen, described + layered_described
         if exclude:
-            no_decay = [p for n, p in rest if p.ndim <= 1 or "bias" in n or "bn" in n]
-            decay = [p for n, p in rest if not (p.ndim <= 1 or "bias" in n or "bn" in n)]
+            no_decay = [p for n, p in rest if excluded_from_weight_decay(n, p)]
+            decay = [p for n, p in rest if not excluded_from_weight_decay(n, p)]
             if decay:
                 out.append({"params": decay})
                 described.append({"name": "default", "size": sum(p.numel() for p in decay), "lr": self.lr, "weight_decay": base_decay})
@@ -250,6 +266,27 @@ class OptimRecipe:
             out.append({"params": [p for _, p in rest]})
             described.append({"name": "default", "size": sum(p.numel() for _, p in rest), "lr": self.lr, "weight_decay": base_decay})
         return out, frozen, described
+
+    def _layer_decay_groups(self, named, rest, exclude: bool, base_decay: float):
+        """One group per ViT layer (and per decayed/excluded with ``exclude_bn_bias``), in layer order."""
+        try:
+            ids, num_layers = vit_layer_ids(n for n, _ in named)
+        except ValueError as err:
+            raise RecipeError(f"optim.layer_decay: {err}") from None
+        buckets: dict[tuple[int, bool], list] = {}
+        for n, p in rest:
+            buckets.setdefault((ids[n], exclude and excluded_from_weight_decay(n, p)), []).append(p)
+        out, described = [], []
+        for (layer, no_decay), params in sorted(buckets.items()):
+            lr = self.lr * layer_lr_scale(layer, num_layers, self.layer_decay)
+            group = {"params": params, "lr": lr}
+            if no_decay:
+                group.update(weight_decay=0.0, lars_adaptation=False)
+            out.append(group)
+            described.append({"name": f"layer_{layer}" + ("_no_decay" if no_decay else ""),
+                              "size": sum(p.numel() for p in params), "lr": lr,
+                              "weight_decay": 0.0 if no_decay else base_decay})
+        return out, described
 
     def _scheduler(self, spec: dict, optimizer, steps_per_epoch, total_steps, where: str):
         spec = dict(spec)

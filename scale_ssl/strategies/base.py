@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -87,6 +87,31 @@ class Strategy(ABC):
         """Called once ``configure_optimizers`` has run (DeepSpeed builds its engine here)."""
         return wrapped, optimizers
 
+    # -- the optimizer's copy of the weights ------------------------------------------------
+    # Where an engine keeps the weights the optimizer updates apart from the module's (DeepSpeed:
+    # fp32 master copies, flattened and partitioned over ranks), code that reads or writes
+    # weights outside the forward pass must go through these, or it reads a bf16 copy / an empty
+    # ZeRO-3 shard and writes something the next step overwrites. Here the module's parameters
+    # are that copy: fp32 (autocast keeps them so) and whole on every rank.
+    def master_parameters(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        """Full fp32 values of ``params`` as the optimizer holds them (read-only views)."""
+        return [p.detach() for p in params]
+
+    def write_master_parameters(self, params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+        """Set ``params`` (full values, identical on every rank) wherever the optimizer and the
+        forward pass read them."""
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                if value.data_ptr() != p.data_ptr():  # not the view master_parameters returned
+                    p.copy_(value.to(p.dtype))
+
+    def skip_update(self, params: Sequence[nn.Parameter]) -> None:
+        """No change to ``params`` at the coming optimizer step: no gradient step, no weight
+        decay, no momentum, their optimizer state untouched. Call between backward and the step
+        (``on_before_optimizer_step``)."""
+        for p in params:
+            p.grad = None
+
     def clip_gradients(self, optimizer, value: float, algorithm: str) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if algorithm == "norm":
@@ -98,6 +123,10 @@ class Strategy(ABC):
     def autocast_enabled(self) -> bool:
         """False where the engine runs mixed precision itself (DeepSpeed)."""
         return True
+
+    def optimizer_state_dicts(self, optimizers: list) -> list:
+        """What a checkpoint stores of the optimizers (DeepSpeed saves its partitioned state itself)."""
+        return [opt.state_dict() for opt in optimizers]
 
     def load_optimizer_states(self, optimizers: list, states: list) -> None:
         if len(states) != len(optimizers):

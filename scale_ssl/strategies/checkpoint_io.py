@@ -14,10 +14,14 @@ file, and the trainer's ``ckpt_path="last"`` falls back to the previous good one
 Trust: files are read with ``torch.load(weights_only=True)``. Our checkpoints hold only tensors
 and plain Python types, so loading one never unpickles arbitrary objects; a file that needs
 arbitrary unpickling is refused rather than executed (docs/RELIABILITY.md, "Trust model").
+DeepSpeed checkpoint directories are read the same way: :func:`weights_only_loads` forces
+``weights_only=True`` on DeepSpeed's own shard readers too, allowing only the few plain data
+classes DeepSpeed pickles into its shards (``strategies/deepspeed.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -141,6 +145,25 @@ def load_checkpoint_file(path: str) -> dict:
             "contents hash differently): the file was damaged after it was written"
         )
     return checkpoint
+
+
+@contextlib.contextmanager
+def weights_only_loads(allowed_types: tuple = ()):
+    """Inside, every ``torch.load`` runs with ``weights_only=True``, also in libraries that pass
+    ``weights_only=False`` themselves (torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, set only for the
+    duration), with ``allowed_types`` rebuilt from their data besides tensors and plain types.
+    Anything else in a file is refused (``pickle.UnpicklingError``), never executed."""
+    saved = {name: os.environ.pop(name, None) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(list(allowed_types)):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def checkpoint_candidates(path: str) -> list[str]:

@@ -14,21 +14,40 @@ Gathers for global losses use our ``TorchDistributedCollective`` on the same pro
 On a machine without GPUs DeepSpeed picks its CPU accelerator (gloo): fp32 and bf16 work, fp16
 does not. Pass a torch optimizer (as ``configure_optimizers`` does) so DeepSpeed does not compile
 its own CPU Adam.
+
+What N ranks must share with one process, and how it is kept here:
+
+* Global BatchNorm (``sync_batchnorm``): every BatchNorm layer becomes our ``GlobalBatchNorm``
+  (statistics of the global batch, computed in fp32 whatever the engine's dtype).
+* The optimizer steps fp32 master copies flattened (and from stage 1 partitioned) by DeepSpeed:
+  ``ZeroMasterWeights`` maps them, so reads and writes of weights outside forward
+  (``master_parameters`` / ``write_master_parameters``: EMA, SwAV's prototype normalisation), a
+  parameter held out of a step (``skip_update``: SwAV's prototype freeze, bitwise), and LARS's
+  per-parameter trust ratio (norms summed over a parameter's pieces across partitions) all act
+  on what the optimizer really holds.
+* EMA targets (``module.ema_target_modules()``: BYOL's target, MoCo's momentum encoder) are held
+  whole in fp32 beside the engine and updated there from the online network's fp32 masters; the
+  module keeps a working copy like every other parameter (bf16 under bf16, a shard under ZeRO-3)
+  that each update rewrites, and checkpoints carry the fp32 values.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
 from torch import nn
 
-from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
+from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
+from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file, weights_only_loads
 from scale_ssl.strategies.ddp import DDPStrategy
+from scale_ssl.strategies.zero_masters import ZeroMasterWeights
 
 CHECKPOINT_TAG = "state"
+EMA_TARGETS_KEY = "ema_targets_fp32"
 
 
 class DeepSpeedStrategy(DDPStrategy):
@@ -39,14 +58,16 @@ class DeepSpeedStrategy(DDPStrategy):
         config: a DeepSpeed config (dict or path to JSON) to start from; our trainer settings
             fill what it leaves out and must agree with what it sets.
         micro_batch_size: per-device batch (the CLI passes the one derived from the global batch).
+        sync_batchnorm: normalise with global-batch statistics (``GlobalBatchNorm``), as
+            ``strategy=ddp`` does; False keeps per-device statistics.
     """
 
     name = "deepspeed"
 
     def __init__(self, accelerator: str = "auto", zero_stage: int = 2, offload_optimizer: bool = False,
                  offload_parameters: bool = False, config: dict | str | None = None, micro_batch_size: int | None = None,
-                 timeout_s: float = 1800.0):
-        super().__init__(accelerator=accelerator, timeout_s=timeout_s)
+                 timeout_s: float = 1800.0, sync_batchnorm: bool = True):
+        super().__init__(accelerator=accelerator, timeout_s=timeout_s, sync_batchnorm=sync_batchnorm)
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         if offload_parameters and zero_stage != 3:
@@ -61,6 +82,9 @@ class DeepSpeedStrategy(DDPStrategy):
         self.engine = None
         self.trainer = None
         self.bf16 = False
+        self.masters: ZeroMasterWeights | None = None
+        self._ema_params: dict[str, nn.Parameter] = {}
+        self._held: dict[int, nn.Parameter] = {}
 
     # -- set-up ----------------------------------------------------------------------------
     def setup_environment(self) -> None:
@@ -68,7 +92,10 @@ class DeepSpeedStrategy(DDPStrategy):
         super().setup_environment()  # torchrun/SLURM env -> process group (gloo on CPU)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        # The engine wraps model and optimizer together: it is built in connect_optimizers.
+        # The engine wraps model and optimizer together: it is built in connect_optimizers. Our
+        # GlobalBatchNorm on any device: it computes in fp32 whatever the engine's dtype.
+        if self.sync_batchnorm and self.world_size > 1:
+            module = convert_to_global_batchnorm(module, self.collective)
         return module.to(self.root_device)
 
     def connect_optimizers(self, wrapped: nn.Module, optimizers: list):
@@ -80,16 +107,28 @@ class DeepSpeedStrategy(DDPStrategy):
             )
         config = self.build_config()
         self.bf16 = bool(config.get("bf16", {}).get("enabled"))
+        module = getattr(wrapped, "module", wrapped)
+        # EMA targets: their fp32 values, whole, taken before the engine casts or partitions them.
+        targets = list(module.ema_target_modules()) if hasattr(module, "ema_target_modules") else []
+        names = {id(p): n for n, p in module.named_parameters()}
+        self._ema_params = {names[id(p)]: p for target in targets for p in target.parameters()}
+        ema_fp32 = {n: self.collective.broadcast(p.detach().float().clone(), src=0) for n, p in self._ema_params.items()}
         engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizers[0], config=config,
                                                dist_init_required=False)
         if self.bf16:
             # The engine casts parameters, not buffers; BatchNorm's kernel wants its running
-            # statistics in the input's dtype.
+            # statistics in the dtype of its (bf16) weights.
             for buffer in wrapped.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(torch.bfloat16)
         self.engine = engine
+        self._map_masters(ema_fp32)
         return engine, optimizers
+
+    def _map_masters(self, ema_fp32: dict[str, torch.Tensor]) -> None:
+        self.masters = ZeroMasterWeights(self.engine, lambda t: self.collective.all_reduce(t, op="sum"))
+        self.masters.configure_lars()
+        self.masters.keep_fp32([self._ema_params[n] for n in ema_fp32], list(ema_fp32.values()))
 
     def build_config(self) -> dict:
         """Our settings as a DeepSpeed config, merged with (and checked against) the user's."""
@@ -117,8 +156,9 @@ class DeepSpeedStrategy(DDPStrategy):
             # Any torch optimizer from configure_optimizers (SGD, LARS, ...), not only DeepSpeed's own.
             "zero_allow_untested_optimizer": True,
         }
-        if clip is not None:
-            ours["gradient_clipping"] = float(clip)
+        # Always set: DeepSpeed's own default clips every step at global norm 1.0, which no other
+        # strategy does (a silent difference from one process; found by the equivalence matrix).
+        ours["gradient_clipping"] = float(clip) if clip is not None else 0.0
         if precision == "bf16-mixed":
             ours["bf16"] = {"enabled": True}
         elif precision == "16-mixed":
@@ -148,7 +188,26 @@ class DeepSpeedStrategy(DDPStrategy):
     def optimizer_step(self, optimizer, closure=None):
         if closure is not None:
             raise ValueError("strategy=deepspeed does not run closure-based optimizers (LBFGS)")
+        held = self.masters.hold(list(self._held.values())) if self._held else None
+        self._held = {}
         self.engine.step()
+        if held is not None:
+            self.masters.restore(held)
+
+    # -- the optimizer's weights -----------------------------------------------------------
+    def master_parameters(self, params):
+        return self.masters.full(list(params)) if self.masters is not None else super().master_parameters(params)
+
+    def write_master_parameters(self, params, values) -> None:
+        if self.masters is None:
+            return super().write_master_parameters(params, values)
+        self.masters.write(list(params), list(values))
+
+    def skip_update(self, params) -> None:
+        if self.masters is None or self.masters.kind == "module":
+            return super().skip_update(params)  # stage 0 fp32: the torch optimizer skips grad=None
+        self.masters.check_can_hold()
+        self._held.update({id(p): p for p in params})
 
     def clip_gradients(self, optimizer, value: float, algorithm: str) -> None:
         """Done by the engine (``gradient_clipping`` in its config) on the partitioned gradients."""
@@ -162,6 +221,9 @@ class DeepSpeedStrategy(DDPStrategy):
         """A DeepSpeed checkpoint directory at ``path``; every rank writes its shards."""
         client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         client["deepspeed"] = {"zero_stage": self.zero_stage, "world_size": self.world_size}
+        if self._ema_params:  # the engine saves their bf16 / partitioned working copies only
+            values = self.masters.full(list(self._ema_params.values()))
+            client[EMA_TARGETS_KEY] = {n: v.detach().cpu().clone() for n, v in zip(self._ema_params, values)}
         self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client)
         self.barrier()
 
@@ -171,13 +233,29 @@ class DeepSpeedStrategy(DDPStrategy):
                 f"strategy=deepspeed resumes from a DeepSpeed checkpoint directory; {path!r} is not one "
                 "(a plain .ckpt file can be loaded with trainer.strategy=single/ddp)"
             )
-        _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+        with weights_only_loads(deepspeed_checkpoint_types()):  # as every checkpoint read (checkpoint_io.py)
+            _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
         if client is None:
             raise ValueError(f"{path!r} holds no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
+        # Loading may have re-created the flat partitions; the EMA targets come back in fp32.
+        saved = client.get(EMA_TARGETS_KEY) or {}
+        if set(saved) != set(self._ema_params):
+            raise ValueError(
+                f"{path!r} holds fp32 EMA targets for {sorted(saved)[:3]}... but this module has {sorted(self._ema_params)[:3]}...; "
+                "resume with the method and settings of the run that wrote it"
+            )
+        self._map_masters({n: saved[n].to(self.root_device) for n in self._ema_params})
+        self.masters.write(list(self._ema_params.values()), [saved[n] for n in self._ema_params])
         client["state_dict"] = None  # the engine has loaded the weights (sharded under ZeRO-3)
         client["optimizer_states"] = []
         return client
+
+    def optimizer_state_dicts(self, optimizers: list) -> list:
+        """None here: the engine saves its partitioned optimizer state in the checkpoint directory
+        (and under ZeRO-3 the torch optimizer's groups hold no parameters between steps, so its
+        own ``state_dict()`` cannot even be taken)."""
+        return []
 
     def load_optimizer_states(self, optimizers: list, states: list) -> None:
         """The engine restored the (partitioned) optimizer state in ``load_checkpoint``."""
@@ -208,12 +286,21 @@ def read_deepspeed_checkpoint(checkpoint_dir: str) -> dict:
     model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))
     if not model_states:
         raise ValueError(f"DeepSpeed checkpoint {checkpoint_dir!r} has no *model_states.pt in {CHECKPOINT_TAG}/: it is incomplete")
-    weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    # Every file, DeepSpeed's shards included, is read with weights_only=True (checkpoint_io.py).
+    try:
+        with weights_only_loads(deepspeed_checkpoint_types()):
+            weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+            client = torch.load(os.path.join(tag_dir, model_states[0]), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"DeepSpeed checkpoint {checkpoint_dir!r} holds objects other than tensors, plain data and DeepSpeed's "
+            f"own data classes; it is refused rather than unpickled ({str(err).strip().splitlines()[0][:200]})"
+        ) from None
     # The engine wrapped the trainer's step adapter, whose child is the module.
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
-    # Our own checkpoint directory: the client state holds plain types and tensors only.
-    client = torch.load(os.path.join(tag_dir, model_states[0]), map_location="cpu", weights_only=False)
     ours = {k: v for k, v in client.items() if k in _CLIENT_KEYS}
+    # EMA targets: the fp32 values we keep, not the engine's bf16 working copies.
+    state_dict.update(client.get(EMA_TARGETS_KEY) or {})
     ours.update({"format_version": CHECKPOINT_FORMAT_VERSION, "state_dict": state_dict, "optimizer_states": [],
                  "lr_scheduler_states": []})
     return ours
@@ -225,6 +312,17 @@ def consolidate_checkpoint(checkpoint_dir: str, out_path: str) -> str:
     DeepSpeed installed (see :func:`read_deepspeed_checkpoint`)."""
     save_checkpoint_file(read_deepspeed_checkpoint(checkpoint_dir), out_path)
     return out_path
+
+
+def deepspeed_checkpoint_types() -> tuple:
+    """The classes DeepSpeed pickles into a checkpoint's shards besides tensors and plain types
+    (found by loading stage 0-3, fp32 and bf16 checkpoints with ``weights_only=True``): plain data,
+    rebuilt from their fields, with no code of the file's choosing run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, ZeroStageEnum, fragment_address)
 
 
 _CLIENT_KEYS = ("module_class", "hyper_parameters", "global_step", "epoch", "batch_in_epoch", "world_size",

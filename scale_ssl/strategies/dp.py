@@ -12,13 +12,20 @@ only ran ``training_step`` on its part. The contract, as in Lightning 1.x / ``nn
   gets the mean of the per-part losses, with one warning (that loss is *not* the full-batch loss
   of an NCE objective).
 
-On GPUs the parts run on replicas (``torch.nn.parallel.replicate/scatter/parallel_apply/gather``).
-Without GPUs the same split/apply/gather runs on CPU "devices" (threads over the one module), so
-the semantics are testable anywhere. BatchNorm statistics are per part, as with ``nn.DataParallel``.
+On GPUs the parts run on replicas (``torch.nn.parallel.replicate/scatter`` and one thread per
+device). Without GPUs the same split/apply/gather runs on CPU "devices" (threads over the one
+module), so the semantics are testable anywhere.
+
+BatchNorm: with ``sync_batchnorm=True`` every BatchNorm layer becomes a ``GlobalBatchNorm`` over
+the parts (``PartsCollective``): each part is normalised with the statistics of the whole batch,
+so a dp step equals one device on the whole batch, BatchNorm included. Without it statistics are
+per part, as with ``nn.DataParallel``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scale_ssl.collectives import Collective, LocalCollective
+from scale_ssl.collectives import Collective, LocalCollective, convert_to_global_batchnorm
+from scale_ssl.collectives.parts import PartsCollective
 from scale_ssl.strategies.base import Strategy
 
 
@@ -102,16 +110,20 @@ class _DataParallelSteps(nn.Module):
 class DPStrategy(Strategy):
     """Args:
         devices: number of parts (GPUs when CUDA is available, else CPU threads).
+        sync_batchnorm: normalise every part with the whole batch's BatchNorm statistics
+            (``GlobalBatchNorm`` over the parts); False keeps ``nn.DataParallel``'s per-part ones.
     """
 
     name = "dp"
 
-    def __init__(self, accelerator: str = "auto", devices: int = 2):
+    def __init__(self, accelerator: str = "auto", devices: int = 2, sync_batchnorm: bool = True):
         super().__init__(accelerator)
         if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
             raise ValueError(f"trainer.devices must be an int >= 1 for strategy=dp, got {devices!r}")
         self.devices = devices
+        self.sync_batchnorm = sync_batchnorm
         self._collective = LocalCollective()
+        self._parts = PartsCollective(devices)
         self._warned_no_step_end = False
         self._pool: ThreadPoolExecutor | None = None
 
@@ -136,6 +148,8 @@ class DPStrategy(Strategy):
         return torch.device("cpu")
 
     def setup_module(self, module: nn.Module) -> nn.Module:
+        if self.sync_batchnorm and self.devices > 1:
+            module = convert_to_global_batchnorm(module, self._parts)
         return _DataParallelSteps(module.to(self.root_device), self)
 
     def eval_step(self, module, step_name: str, args: tuple):
@@ -155,35 +169,48 @@ class DPStrategy(Strategy):
         return gathered
 
     def _run_on_threads(self, fn, parts: list, rest: tuple) -> list:
-        # Grad mode and autocast are per thread: carry the caller's into every part.
+        return self._run_parts_in_threads([fn] * len(parts), parts, rest, devices=None)
+
+    def _run_on_gpus(self, adapter: nn.Module, parts: list, rest: tuple) -> list:
+        """One replica per GPU (``replicate`` keeps the gradient path to the root parameters)."""
+        from torch.nn.parallel import replicate
+        from torch.nn.parallel.scatter_gather import scatter
+
+        inputs = [scatter(part, [device])[0] for part, device in zip(parts, self.device_ids)]
+        replicas = replicate(adapter, self.device_ids)
+        outputs = self._run_parts_in_threads(replicas, inputs, rest, devices=self.device_ids)
+        return [_to_device(o, self.root_device) for o in outputs]
+
+    def _run_parts_in_threads(self, fns: list, parts: list, rest: tuple, devices: list | None) -> list:
+        # Grad mode and autocast are per thread: carry the caller's into every part. Each part
+        # tells the parts collective which one it is, so GlobalBatchNorm can meet its peers.
         device_type = self.root_device.type
         grad = torch.is_grad_enabled()
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type)
         errors: list[BaseException] = []
+        collective = self._parts
+        collective.reset()
 
-        def one(part):
+        def one(index: int):
+            collective.enter_part(index)
             try:
-                with torch.set_grad_enabled(grad), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                    return fn(part, *rest)
+                device = torch.cuda.device(devices[index]) if devices is not None else contextlib.nullcontext()
+                with device, torch.set_grad_enabled(grad), torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                    return fns[index](parts[index], *rest)
             except BaseException as err:  # re-raised in the caller
                 errors.append(err)
+                collective.abort()  # peers waiting in a GlobalBatchNorm gather raise instead of hanging
                 return None
+            finally:
+                collective.leave_part()
 
-        outputs = list(self._pool.map(one, parts))
+        outputs = list(self._pool.map(one, range(len(parts))))
         if errors:
-            raise errors[0]
+            # The part that failed first, not a peer released from the barrier by its abort.
+            real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+            raise (real or errors)[0]
         return outputs
-
-    def _run_on_gpus(self, adapter: nn.Module, parts: list, rest: tuple) -> list:
-        """One replica per GPU (``replicate`` keeps the gradient path to the root parameters)."""
-        from torch.nn.parallel import parallel_apply, replicate
-        from torch.nn.parallel.scatter_gather import scatter
-
-        inputs = [scatter(part, [device])[0] for part, device in zip(parts, self.device_ids)]
-        replicas = replicate(adapter, self.device_ids)
-        outputs = parallel_apply(replicas, [(inp, *rest) for inp in inputs], devices=self.device_ids)
-        return [_to_device(o, self.root_device) for o in outputs]
 
     def _average_part_losses(self, gathered):
         if not self._warned_no_step_end:

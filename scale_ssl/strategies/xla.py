@@ -61,7 +61,7 @@ class XLAStrategy(Strategy):
     name = "xla"
     host_reads_split_the_step = True
 
-    def __init__(self, accelerator: str = "auto", sync_batchnorm: bool = False):
+    def __init__(self, accelerator: str = "auto", sync_batchnorm: bool = True):
         if accelerator not in ACCELERATORS:
             raise ValueError(
                 f"trainer.accelerator={accelerator!r} is not supported with trainer.strategy=xla; use one of {ACCELERATORS}"

@@ -8,6 +8,7 @@ from scale_ssl.trainer.callbacks import (
     ModelCheckpoint,
     StochasticWeightAveraging,
 )
+from scale_ssl.trainer.data_distribution import UnequalBatchesError
 from scale_ssl.trainer.module import SSLModule
 from scale_ssl.trainer.trainer import Trainer
 
@@ -20,4 +21,5 @@ __all__ = [
     "LearningRateMonitor",
     "ModelCheckpoint",
     "StochasticWeightAveraging",
+    "UnequalBatchesError",
 ]

@@ -1,7 +1,11 @@
 """What ``self.log`` records, kept on the device until the trainer fetches it.
 
 Per step the latest value of each name is kept (``on_step``); per epoch a batch-size-weighted
-running sum (``on_epoch``), averaged when the epoch ends. Defaults follow Lightning: in training
+running sum (``on_epoch``; the batch size is the step's unless ``self.log(batch_size=...)`` says
+otherwise), averaged when the epoch ends. With ``sync_dist`` the epoch average is exact over
+ranks: the weighted sums and the sample counts are each summed over ranks before dividing, so
+ranks holding different numbers of evaluation samples (the trainer's unpadded evaluation split)
+count every sample once. Defaults follow Lightning: in training
 ``on_step=True, on_epoch=False``; in validation and test ``on_step=False, on_epoch=True``.
 Nothing here calls ``.item()``: the trainer reduces (``sync_dist``: mean over ranks) and fetches
 values only at logging intervals and epoch ends, when every rank is at the same point.
@@ -45,13 +49,34 @@ class LoggedMetrics:
         out, self.step = self.step, {}
         return out
 
-    def pop_epoch(self) -> dict[str, tuple[torch.Tensor, LogOptions]]:
-        out = {name: (total / max(weight, 1), options) for name, (total, weight, options) in self.epoch.items()}
+    def pop_epoch(self) -> dict[str, tuple[torch.Tensor, float, LogOptions]]:
+        """name -> (batch-size-weighted sum, total weight, options) of the epoch so far."""
+        out = {name: (total, float(weight), options) for name, (total, weight, options) in self.epoch.items()}
         self.epoch = {}
         return out
 
     def clear(self) -> None:
         self.step, self.epoch = {}, {}
+
+
+def reduce_epoch_and_fetch(entries: dict[str, tuple[torch.Tensor, float, LogOptions]], strategy) -> dict[str, float]:
+    """Epoch averages as host floats. ``sync_dist`` entries: sum over ranks of the weighted sums
+    divided by the sum over ranks of the weights (one all-reduce of both), the exact mean over
+    every rank's samples; the others: this rank's own mean."""
+    names = sorted(entries)
+    out: dict[str, float] = {}
+    synced = [n for n in names if entries[n][2].sync_dist]
+    if synced and strategy.world_size > 1:
+        totals = [entries[n][0].float().reshape(-1).mean() for n in synced]
+        weights = [torch.tensor(entries[n][1], dtype=torch.float32, device=totals[0].device) for n in synced]
+        summed = strategy.reduce(torch.stack(totals + weights), op="sum").tolist()
+        for i, name in enumerate(synced):
+            out[name] = summed[i] / max(summed[len(synced) + i], 1e-12)
+    for name in names:
+        if name not in out:
+            total, weight, _ = entries[name]
+            out[name] = float(total.float().mean()) / max(weight, 1e-12)
+    return out
 
 
 def reduce_and_fetch(values: dict[str, tuple[torch.Tensor, LogOptions]], strategy) -> dict[str, float]:

@@ -36,6 +36,7 @@ class SSLModule(nn.Module):
         self.automatic_optimization = True
         self._metrics = LoggedMetrics()
         self._stage = "train"
+        self._batch_size_hint = 1  # samples in the batch being stepped (set by the trainer)
 
     # -- hyper-parameters and checkpoints --------------------------------------------------
     def save_hyperparameters(self, *, ignore: tuple[str, ...] = ()) -> None:
@@ -124,7 +125,8 @@ class SSLModule(nn.Module):
     ) -> None:
         """Record a metric. Values stay on the device (no host sync); the trainer reduces
         (``sync_dist``: mean over ranks) and fetches them only at logging intervals / epoch end.
-        Defaults: per step in training, per epoch (batch-size-weighted mean) in validation/test."""
+        Defaults: per step in training, per epoch (batch-size-weighted mean) in validation/test;
+        ``batch_size`` defaults to the current batch's (the length of its first tensor)."""
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
         training = self._stage == "train"
@@ -135,11 +137,55 @@ class SSLModule(nn.Module):
             on_epoch=(not training) if on_epoch is None else on_epoch,
             sync_dist=sync_dist,
         )
-        self._metrics.add(name, value, options, batch_size if batch_size is not None else 1)
+        self._metrics.add(name, value, options, batch_size if batch_size is not None else self._batch_size_hint)
 
     def log_dict(self, metrics: dict, **kwargs: Any) -> None:
         for name, value in metrics.items():
             self.log(name, value, **kwargs)
+
+    # -- weights outside the forward pass --------------------------------------------------
+    def ema_target_modules(self) -> list[nn.Module]:
+        """Submodules that follow others by an exponential moving average instead of the
+        optimizer (BYOL's target network, MoCo's momentum encoder). State that averages stays in
+        fp32: strategies keep these whole and in fp32 whatever the engine's precision or sharding
+        (DeepSpeed holds an fp32 copy beside its bf16 or ZeRO-3-sharded working copy);
+        ``master_weights`` / ``set_master_weights`` read and write that copy."""
+        return []
+
+    def master_weights(self, params) -> list[torch.Tensor]:
+        """Full fp32 values of ``params`` as the optimizer holds them. Under DeepSpeed these are
+        its fp32 master copy gathered from the ZeRO partitions (the module holds bf16 copies, or
+        empty ZeRO-3 shards outside forward), so this is a collective there: call it on every
+        rank. Elsewhere the parameters themselves."""
+        params = list(params)
+        if self.trainer is None:
+            return [p.detach() for p in params]
+        return self.trainer.strategy.master_parameters(params)
+
+    def set_master_weights(self, params, values) -> None:
+        """Write full values (identical on every rank) into ``params`` where both the optimizer
+        and the forward pass read them (under DeepSpeed: its fp32 master copy and the module's
+        working copy), so the next optimizer step starts from them."""
+        params, values = list(params), list(values)
+        if self.trainer is None:
+            with torch.no_grad():
+                for p, value in zip(params, values):
+                    if value.data_ptr() != p.data_ptr():
+                        p.copy_(value.to(p.dtype))
+            return
+        self.trainer.strategy.write_master_parameters(params, values)
+
+    def skip_update(self, params) -> None:
+        """Leave ``params`` untouched by the coming optimizer step (no gradient step, weight decay
+        or momentum; their optimizer state unchanged), on every strategy. Call it from
+        ``on_before_optimizer_step``; setting ``p.grad = None`` there is not enough under
+        DeepSpeed, whose ZeRO partitions hold their own reduced gradients."""
+        params = list(params)
+        if self.trainer is None:
+            for p in params:
+                p.grad = None
+            return
+        self.trainer.strategy.skip_update(params)
 
     # -- optimizers ------------------------------------------------------------------------
     def optimizers(self, use_pl_optimizer: bool = True):

@@ -30,8 +30,18 @@ from scale_ssl.strategies.checkpoint_io import (
 from scale_ssl.strategies.ddp import CollectiveFailure, is_collective_failure
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer.callback import Callback
+from scale_ssl.trainer.data_distribution import (
+    EVAL,
+    TRAIN,
+    batch_size_of,
+    check_listed_batches,
+    distribute_loader,
+    equal_batches_by_construction,
+    lockstep_batches,
+    set_loader_epoch,
+)
 from scale_ssl.trainer.manual_optimization import OptimizerToggle, WrappedOptimizer
-from scale_ssl.trainer.metrics import reduce_and_fetch
+from scale_ssl.trainer.metrics import reduce_and_fetch, reduce_epoch_and_fetch
 from scale_ssl.trainer.module import SSLModule
 from scale_ssl.trainer.optimizer_config import SchedulerConfig, parse_optimizer_config
 from scale_ssl.trainer.precision import Precision
@@ -123,6 +133,12 @@ class Trainer:
             "torch.compile"), which short runs do not earn back. Supported under "single" and
             "ddp"; refused under dp (threads replicate the module), deepspeed and xla (their own
             engines trace the model).
+        use_distributed_sampler: under a multi-rank strategy, re-create a map-style DataLoader
+            given to fit/validate/test/predict (directly, by the module's hooks or a datamodule)
+            so each rank reads its share: training splits the (shuffled, re-shuffled every epoch)
+            order into equal shares without repeats, evaluation into shares that together hold
+            every sample exactly once; a user's own sampler is kept and split the same way
+            (``scale_ssl/trainer/data_distribution.py``). False: loaders are used as given.
 
     Under an elastic restart (torchrun sets ``TORCHELASTIC_RESTART_COUNT > 0``) ``fit`` defaults
     to ``ckpt_path="last"``: the newest checkpoint that passes its checksum (``last.ckpt``, else the
@@ -164,6 +180,7 @@ class Trainer:
         max_consecutive_nonfinite: int = 3,
         compile_model: bool = False,
         channels_last: bool | None = None,
+        use_distributed_sampler: bool = True,
     ):
         _check_int("trainer.max_steps", max_steps, minimum=-1)
         if not isinstance(compile_model, bool):
@@ -213,6 +230,10 @@ class Trainer:
             )
         self.channels_last_setting = channels_last
         self.channels_last = False  # resolved by fit()
+        if not isinstance(use_distributed_sampler, bool):
+            raise TypeError(f"use_distributed_sampler must be True or False, got {use_distributed_sampler!r}")
+        self.use_distributed_sampler = use_distributed_sampler
+        self._equal_batches = True
         self.fast_dev_run = fast_dev_batches
         if fast_dev_batches:
             # As in Lightning: n batches of each stage, one epoch, nothing written.
@@ -282,6 +303,7 @@ class Trainer:
         self._end_epoch_early = False
         self._train_source = None
         self._datamodule = None
+        self._planned_steps: int | None = None
 
     # -- derived quantities a module may ask for -------------------------------------------
     @property
@@ -349,6 +371,7 @@ class Trainer:
         self.train_dataloader = self._train_loader()
         if self.train_dataloader is None:
             raise ValueError("no training data: pass train_dataloaders to fit() or implement train_dataloader()")
+        self._planned_steps = self._steps_planned_for_this_fit()
         self.val_dataloaders = self._loaders(val_dataloaders, "val_dataloader", datamodule)
 
         if ckpt_path is None and self.enable_checkpointing and elastic_restart_count() > 0:
@@ -400,6 +423,10 @@ class Trainer:
                 self._call("on_fit_end")
             self._finish_logger(status)
             self._teardown(module, "fit")
+            # The training wrapper (DDP holds the process group) is not needed past fit:
+            # validate/test/predict run the module itself. Dropping it lets the strategy's
+            # process group be freed, threads joined, when it is destroyed (strategies/ddp.py).
+            self.wrapped = None
         self.state = "finished"
         return module
 
@@ -499,12 +526,30 @@ class Trainer:
         ``estimated_stepping_batches`` before the loop starts, as in Lightning."""
         if self.train_dataloader is None and self.state == "fit" and self.module is not None:
             if self._train_source is not None:
-                self.train_dataloader = self._train_source
+                loader = self._train_source
             elif self._datamodule is not None and hasattr(self._datamodule, "train_dataloader"):
-                self.train_dataloader = self._datamodule.train_dataloader()
+                loader = self._datamodule.train_dataloader()
             else:
-                self.train_dataloader = self.module.train_dataloader()
+                loader = self.module.train_dataloader()
+            self.train_dataloader = self._distribute(loader, TRAIN, "the training loader")
+            self._equal_batches = self._batches_known_equal(self.train_dataloader)
         return self.train_dataloader
+
+    def _batches_known_equal(self, loader) -> bool:
+        """Whether every rank's batches are known to be equal in size without a per-step check:
+        by construction, or, for a list of batches, by one comparison of all sizes now."""
+        if equal_batches_by_construction(loader, self.world_size):
+            return True
+        if isinstance(loader, (list, tuple)):
+            check_listed_batches(self.strategy.all_gather_object([batch_size_of(b) for b in loader]))
+            return True
+        return False
+
+    def _distribute(self, loader, stage: str, what: str):
+        if loader is None or not self.use_distributed_sampler:
+            return loader
+        return distribute_loader(loader, stage, self.world_size, self.global_rank,
+                                 self.seed if self.seed is not None else 0, what)
 
     def _loaders(self, given, hook: str, datamodule) -> list:
         if given is None:
@@ -512,9 +557,10 @@ class Trainer:
             given = getattr(source, hook)()
         if given is None:
             return []
-        if isinstance(given, (list, tuple)) and given and _is_loader(given[0]):
-            return list(given)
-        return [given]
+        loaders = list(given) if isinstance(given, (list, tuple)) and given and _is_loader(given[0]) else [given]
+        what = hook.replace("_dataloader", "").replace("val", "validation")
+        return [self._distribute(loader, EVAL, f"the {what} loader" + (f" {i}" if len(loaders) > 1 else ""))
+                for i, loader in enumerate(loaders)]
 
     def _recipe_optimizers(self, module: SSLModule):
         """The config's ``optim`` recipe replaces the method's own ``configure_optimizers``."""
@@ -562,8 +608,7 @@ class Trainer:
 
     def _run_epoch(self, module: SSLModule) -> None:
         loader = self.train_dataloader
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.current_epoch)
+        set_loader_epoch(loader, self.current_epoch)
         module._stage = "train"
         self._call("on_train_epoch_start")
         num_batches = self.num_training_batches
@@ -576,12 +621,18 @@ class Trainer:
             loader.skip_batches(skip)
             start, skip = skip, 0
         exhausted, batch_idx = True, -1
-        for batch_idx, batch in enumerate(self.strategy.device_batches(loader), start=start):
+        batches = self.strategy.device_batches(loader)
+        if not self._equal_batches and not self.strategy.host_reads_split_the_step:
+            # Equal per-rank batches are not guaranteed by how this loader is built: every rank
+            # learns every rank's batch size before the step (one small all-gather per step).
+            batches = lockstep_batches(batches, self.strategy.collective, self.strategy.root_device, num_batches,
+                                       start, self._describe_batch)
+        for batch_idx, batch in enumerate(batches, start=start):
             if num_batches is not None and batch_idx >= num_batches:
                 break
             if batch_idx < skip:
                 continue
-            self._window[1] += _batch_size(batch) * self.world_size
+            self._window[1] += batch_size_of(batch) * self.world_size
             stepped = self._train_batch(module, batch, batch_idx, num_batches)
             self._batch_in_epoch = batch_idx + 1
             if stepped and self.global_step % self.log_every_n_steps == 0:
@@ -607,6 +658,9 @@ class Trainer:
             )
         if exhausted:
             self._end_epoch(module)
+
+    def _describe_batch(self, batch_idx: int) -> str:
+        return f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
 
     def _end_epoch(self, module: SSLModule) -> None:
         if self._validation_due():
@@ -650,7 +704,9 @@ class Trainer:
         return 1
 
     def _train_batch(self, module: SSLModule, batch, batch_idx: int, num_batches: int | None) -> bool:
-        batch = module.on_after_batch_transfer(self.strategy.batch_to_device(batch), 0)
+        batch = self.strategy.batch_to_device(batch)
+        module._batch_size_hint = batch_size_of(batch)
+        batch = module.on_after_batch_transfer(batch, 0)
         response = module.on_train_batch_start(batch, batch_idx)
         for cb in self.callbacks:
             cb.on_train_batch_start(self, module, batch, batch_idx)
@@ -966,7 +1022,9 @@ class Trainer:
                     for batch_idx, batch in enumerate(loader):
                         if limit is not None and batch_idx >= limit:
                             break
-                        batch = module.on_after_batch_transfer(self.strategy.batch_to_device(batch), dl_idx)
+                        batch = self.strategy.batch_to_device(batch)
+                        module._batch_size_hint = batch_size_of(batch)
+                        batch = module.on_after_batch_transfer(batch, dl_idx)
                         args = (batch, batch_idx, dl_idx) if len(loaders) > 1 else (batch, batch_idx)
                         with self.precision.autocast():
                             out = step_end(self.strategy.eval_step(module, f"{prefix}_step", args))
@@ -979,7 +1037,7 @@ class Trainer:
             if callable(epoch_end):  # the older Lightning form, with every step's outputs
                 epoch_end(all_outputs[0] if len(loaders) == 1 else all_outputs)
             self._call(f"on_{prefix}_epoch_end")
-            values = reduce_and_fetch(module._metrics.pop_epoch(), self.strategy)
+            values = reduce_epoch_and_fetch(module._metrics.pop_epoch(), self.strategy)
             values.update(reduce_and_fetch(module._metrics.pop_step(), self.strategy))
             self.callback_metrics.update(values)
             if log and self.logger is not None and values:
@@ -1013,8 +1071,8 @@ class Trainer:
         epoch_values = module._metrics.pop_epoch()
         if not epoch_values:
             return
-        values = reduce_and_fetch(epoch_values, self.strategy)
-        self._publish(values, shown=[n for n, (_, o) in epoch_values.items() if o.prog_bar])
+        values = reduce_epoch_and_fetch(epoch_values, self.strategy)
+        self._publish(values, shown=[n for n, (_, _, o) in epoch_values.items() if o.prog_bar])
 
     def _log_data_stats(self) -> None:
         """The stream's per-epoch counts (dropped, corrupt skipped, re-seen after resume) to the
@@ -1052,7 +1110,7 @@ class Trainer:
             "module_class": type(module).__name__,
             "state_dict": module.state_dict(),
             "hyper_parameters": dict(module.hparams),
-            "optimizer_states": [opt.state_dict() for opt in self.optimizers],
+            "optimizer_states": self.strategy.optimizer_state_dicts(self.optimizers),
             "lr_scheduler_states": [c.scheduler.state_dict() for c in self.lr_scheduler_configs],
             "lr_scheduler_step_counts": [getattr(c, "_steps", 0) for c in self.lr_scheduler_configs],
             "precision_state": self.precision.state_dict(),
@@ -1060,6 +1118,7 @@ class Trainer:
             "epoch": self.current_epoch,
             "batch_in_epoch": self._batch_in_epoch,
             "world_size": self.world_size,
+            "planned_steps": self._planned_steps,
             "rng_states": self.strategy.all_gather_object(rng_state()),
             "callbacks": {},
             "mlflow_run_id": self.logger.run_id if self.logger is not None else None,
@@ -1098,6 +1157,13 @@ class Trainer:
                   f"{elastic_restart_count()}; the newest checkpoint that passed its checksum)", flush=True)
         return checkpoint
 
+    def _steps_planned_for_this_fit(self) -> int | None:
+        """``estimated_stepping_batches`` (what schedules are laid over), or None when unknown."""
+        try:
+            return self.estimated_stepping_batches
+        except ValueError:
+            return None
+
     def _resolve_ckpt_path(self, ckpt_path: str) -> str:
         if ckpt_path == "last":
             return os.path.join(self.checkpoint_dir, "last.ckpt")
@@ -1113,13 +1179,27 @@ class Trainer:
         if checkpoint.get("state_dict") is not None:  # None: the strategy's engine loaded the weights
             module.load_state_dict(checkpoint["state_dict"])
         self.strategy.load_optimizer_states(self.optimizers, checkpoint["optimizer_states"])
+        old_plan = checkpoint.get("planned_steps")
+        replan = old_plan is not None and self._planned_steps is not None and old_plan != self._planned_steps
+        lr_before = [group["lr"] for opt in self.optimizers for group in opt.param_groups]
         for config, state, count in zip(self.lr_scheduler_configs, checkpoint["lr_scheduler_states"],
                                         checkpoint.get("lr_scheduler_step_counts", [0] * len(self.lr_scheduler_configs))):
-            config.scheduler.load_state_dict(state)
+            if replan and not isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                _fast_forward(config.scheduler, int(state.get("last_epoch", 0)))
+            else:
+                config.scheduler.load_state_dict(state)
             config._steps = count
         self.precision.load_state_dict(checkpoint.get("precision_state", {}))
         self.global_step = int(checkpoint["global_step"])
         self.current_epoch = int(checkpoint["epoch"])
+        if replan and self.lr_scheduler_configs and self.is_global_zero:
+            lr_now = [group["lr"] for opt in self.optimizers for group in opt.param_groups]
+            print(f"scale_ssl: resuming at global step {self.global_step} of a run planned for {old_plan} optimizer "
+                  f"steps; this run is planned for {self._planned_steps} (max_steps/max_epochs or the steps per "
+                  f"epoch changed). The learning-rate schedule is re-planned over {self._planned_steps} steps and "
+                  f"continues at step {self.global_step} of that plan: lr {_format_lrs(lr_before)} (the old plan's) -> "
+                  f"{_format_lrs(lr_now)}. The steps already taken followed the old plan, so the run differs from one "
+                  f"planned for {self._planned_steps} steps from the start.", flush=True)
         self._batches_to_skip = int(checkpoint.get("batch_in_epoch", 0))
         self._batch_in_epoch = self._batches_to_skip
         states = checkpoint.get("rng_states") or []
@@ -1177,6 +1257,25 @@ def elastic_restart_count() -> int:
         return 0
 
 
+def _fast_forward(scheduler, steps: int) -> None:
+    """Bring a freshly built scheduler (laid over this run's length) to where the checkpoint's
+    scheduler stood, ``steps`` calls of ``step()`` in: closed form for ``LambdaLR`` (its lr is a
+    function of the step count), step by step for chained schedulers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "step() before optimizer.step()": no step is taken here
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.last_epoch = steps - 1
+            scheduler.step()
+        else:
+            for _ in range(steps):
+                scheduler.step()
+
+
+def _format_lrs(lrs: list[float]) -> str:
+    distinct = list(dict.fromkeys(f"{lr:.4g}" for lr in lrs))
+    return distinct[0] if len(distinct) == 1 else "[" + ", ".join(distinct) + "]"
+
+
 def _newest_good_checkpoint(last: str) -> tuple[str, str | None]:
     """(kind, value) for the broadcast: ("path", p) of the newest candidate that verifies,
     ("none", None) when none exists, ("error", message) when all that exist are damaged."""
@@ -1209,18 +1308,6 @@ def _extract_loss(outputs) -> torch.Tensor | None:
     raise TypeError(
         f"training_step must return a loss tensor, a dict with 'loss', or None; got {type(outputs).__name__}"
     )
-
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() > 0 else 1
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            return _batch_size(item)
-    if isinstance(batch, dict):
-        for item in batch.values():
-            return _batch_size(item)
-    return 1
 
 
 def _is_loader(obj) -> bool:

@@ -230,9 +230,40 @@ def scenario_recipe(strategy, data: dict) -> dict:
     return {"graph_hashes": record.graph_hashes, "final": final, "compiles": met.counter_value("UncachedCompile") or 0}
 
 
+def scenario_dino_loss(strategy, data: dict) -> dict:
+    """DINO's loss over ``strategy.collective`` for a few SGD steps of a small student on this
+    replica's rows: per step the local loss, the global mean, the reduced gradients and the center."""
+    import torch_xla
+
+    from scale_ssl.losses import DINOLoss
+
+    rank, world = strategy.global_rank, strategy.world_size
+    device = strategy.root_device
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, data["out_dim"]))
+    model.load_state_dict(data["state"])
+    model = strategy.setup_module(model)
+    loss_fn = DINOLoss(data["out_dim"], data["global_crops"], collective=strategy.collective).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    steps = []
+    for inputs, teacher in data["steps"]:
+        b = inputs.shape[1] // world
+        rows = slice(rank * b, (rank + 1) * b)  # sliced on the host: the rank never enters the graph
+        student = model(inputs[:, rows].reshape(-1, inputs.shape[-1]).to(device))
+        loss = loss_fn(student, teacher[:, rows].reshape(-1, teacher.shape[-1]).to(device), 0.04)
+        strategy.backward(loss)
+        mean_loss = strategy.reduce(loss.detach(), op="mean")
+        torch_xla.sync()
+        steps.append({"loss": _cpu(loss), "mean_loss": _cpu(mean_loss), "center": _cpu(loss_fn.center),
+                      "grads": {n: _cpu(p.grad) for n, p in model.named_parameters()}})
+        optimizer.step()
+        optimizer.zero_grad()
+        torch_xla.sync()
+    return {"steps": steps}
+
+
 SCENARIOS = {"nt_xent": scenario_nt_xent, "sinkhorn": scenario_sinkhorn, "trainer": scenario_trainer,
              "trainer_tiny": scenario_trainer_tiny, "moco_shuffle_bn": scenario_moco_shuffle_bn,
-             "recipe": scenario_recipe}
+             "recipe": scenario_recipe, "dino_loss": scenario_dino_loss}
 
 
 def replica(scenario: str, in_path: str, out_dir: str) -> None:

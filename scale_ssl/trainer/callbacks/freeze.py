@@ -1,6 +1,7 @@
 """``FreezeParameters``: no update for some parameters during the first epochs (SwAV keeps its
-prototypes fixed for the first epoch, Caron et al. 2020, sec. 4) — gradients are dropped right
-before the optimizer step, so momentum and weight decay do not move them either."""
+prototypes fixed for the first epoch, Caron et al. 2020, sec. 4) — right before each optimizer
+step the strategy is told to ``skip_update`` them, so neither the gradient, momentum nor weight
+decay moves them, on every strategy (under DeepSpeed, ZeRO's flattened master copy included)."""
 
 from __future__ import annotations
 
@@ -14,5 +15,4 @@ class FreezeParameters(Callback):
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         for params, epochs in self.groups:
             if trainer.current_epoch < epochs:
-                for p in params:
-                    p.grad = None
+                trainer.strategy.skip_update(params)
