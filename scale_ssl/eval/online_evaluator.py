@@ -34,6 +34,12 @@ from scale_ssl.eval.eval_split import EvalSplit
 from scale_ssl.eval.plots import log_accuracy_curves
 from scale_ssl.trainer.callback import Callback
 
+UNLABELLED_MESSAGE = (
+    "SSLOnlineEvaluator needs labelled training batches, but a batch carries label -1 (the shards have no "
+    "labels, or data.label_key is null): train without the online evaluator (e.g. model.online_ft=false for "
+    "cpc_v2) or stream labelled shards"
+)
+
 
 def build_classifier_head(feature_dim: int, num_classes: int, hidden_dim: int | None = None, dropout: float = 0.0) -> nn.Module:
     """Linear head, or Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear with ``hidden_dim``."""
@@ -104,7 +110,7 @@ class SSLOnlineEvaluator(Callback):
         self.head: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[tuple[int, float]] = []  # (global_step, online_val_acc)
-        self._correct = self._seen = 0
+        self._correct = self._seen = self._unlabelled = 0
         self._pending_state: dict | None = None
 
     # -- the head -------------------------------------------------------------------------
@@ -163,12 +169,13 @@ class SSLOnlineEvaluator(Callback):
             self._build(features.shape[1], features.device, trainer.strategy.collective)
         self.head.train()
         labels = labels.to(features.device).long()
-        if labels.numel() and int(labels.min()) < 0:
-            raise ValueError(
-                "SSLOnlineEvaluator needs labelled training batches, but this batch carries label -1 (the "
-                "shards have no labels, or data.label_key is null): train without the online evaluator "
-                "(e.g. model.online_ft=false for cpc_v2) or stream labelled shards"
-            )
+        unlabelled = (labels < 0).sum().float()
+        if trainer.strategy.host_reads_split_the_step:
+            # XLA: counted on the device and checked with the accuracy counts at the logging
+            # interval; reading it now would run it as a program of its own, every step.
+            self._unlabelled = self._unlabelled + unlabelled
+        elif unlabelled.item() > 0:
+            raise ValueError(UNLABELLED_MESSAGE)
         logits = self.head(features)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=False)
@@ -182,10 +189,13 @@ class SSLOnlineEvaluator(Callback):
         self._seen += labels.shape[0]
         if trainer.global_step % self.log_every_n_steps == 0:
             seen = torch.full((1,), float(self._seen), device=features.device)
-            counts = trainer.strategy.reduce(torch.cat([self._correct.reshape(1), seen]), op="sum")
+            unlabelled = torch.as_tensor(self._unlabelled, dtype=torch.float32, device=features.device).reshape(1)
+            counts = trainer.strategy.reduce(torch.cat([self._correct.reshape(1), seen, unlabelled]), op="sum")
+            if float(counts[2]) > 0:
+                raise ValueError(UNLABELLED_MESSAGE)
             trainer.log_metrics({"online_train_acc": float(counts[0] / counts[1].clamp(min=1)),
                                  "online_train_loss": float(loss.detach())})  # fmt: skip
-            self._correct = self._seen = 0
+            self._correct = self._seen = self._unlabelled = 0
 
     def _average_gradients(self, collective) -> None:
         if collective.world_size == 1:

@@ -163,71 +163,23 @@ def scenario_moco_shuffle_bn(strategy, data: dict) -> dict:
     return {"keys": _cpu(keys), "order": _cpu(received[0]), "graph_hash": graph_hash}
 
 
-class _SyncedGather:
-    """The strategy's collective, but every gather is run (shim sync) before the caller reads it
-    on the host: in this one-process emulation a host read would otherwise compile and run the
-    gather separately per device thread, and XLA:CPU's copies never meet (see sync_shim.py)."""
-
-    def __init__(self, collective):
-        self.collective = collective
-        self.world_size, self.rank = collective.world_size, collective.rank
-
-    def all_gather(self, tensor, grad=False):
-        import torch_xla
-
-        out = self.collective.all_gather(tensor, grad=grad)
-        torch_xla.sync()
-        return out
-
-
 def scenario_recipe(strategy, data: dict) -> dict:
-    """One cell of the real-recipe matrix (tests/xla/recipe_matrix.py): the method trains its
-    steps through the Trainer on this replica's half of every global batch; replica 0 saves its
-    state after every step to ``data["states"]``. Returns the step programs' graph hashes, the
-    final state (replicas must agree bitwise) and the compile count."""
-    import torch_xla
-    import torch_xla.debug.metrics as met
+    """Cells of the real-recipe matrix (tests/xla/recipe_matrix.py): each method of ``data["jobs"]``
+    trains its steps through the Trainer on this replica's half of every global batch, each with a
+    strategy of its own."""
+    from scale_ssl.strategies import XLAStrategy
+    from tests.xla import recipe_matrix
 
-    from scale_ssl.trainer import Callback
-    from tests.xla import recipe_matrix as matrix
+    strategies = iter([strategy])
 
-    rank, world = strategy.global_rank, strategy.world_size
-    method = data["method"]
+    def next_strategy():
+        fresh = next(strategies, None)
+        if fresh is None:
+            fresh = XLAStrategy(sync_batchnorm=data.get("sync_batchnorm", False))
+            fresh.setup_environment()
+        return fresh
 
-    class Record(Callback):
-        def __init__(self):
-            self.graph_hashes, self.last = [], None
-
-        def on_before_optimizer_step(self, trainer, module, optimizer):
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            self.graph_hashes.append(torch_xla._XLAC._get_graph_hash(grads))
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            taken = matrix.snapshot(trainer, module, outputs, queue_collective=_SyncedGather(strategy.collective))
-            if rank == 0:
-                torch.save(taken, os.path.join(data["states"], f"step{taken['step']}.pt"))
-                initial_head = getattr(self, "initial_head", None)
-                if initial_head is not None:  # run by the snapshot's sync: a plain read now
-                    torch.save({k: _cpu(v) for k, v in initial_head.items()}, os.path.join(data["states"], "online_head.pt"))
-                    self.initial_head = None
-            self.last = taken
-
-    record = Record()
-    evaluator = getattr(data["module"], "online_evaluator", None)
-    if evaluator is not None:  # CPC's online head is built on the first batch: keep where it started
-        build = evaluator._build
-
-        def build_and_keep_initial_head(*args, **kwargs):
-            build(*args, **kwargs)
-            record.initial_head = {k: v.detach().clone() for k, v in evaluator.head.state_dict().items()}
-
-        evaluator._build = build_and_keep_initial_head
-    # The module the parent built: device threads share one host RNG, so modules they built
-    # themselves would not start where the one-process reference starts (MoCo's queue included).
-    matrix.train(method, strategy, matrix.rank_slice(matrix.global_batches(method), rank, world), [record],
-                 module=data["module"])
-    final = {k: record.last[k] for k in ("params", "ema", "buffers", "queue")}
-    return {"graph_hashes": record.graph_hashes, "final": final, "compiles": met.counter_value("UncachedCompile") or 0}
+    return {"cells": recipe_matrix.run_replica_cells(next_strategy, data["jobs"])}
 
 
 def scenario_dino_loss(strategy, data: dict) -> dict:

@@ -181,6 +181,32 @@ def test_nonfinite_loss_on_xla_is_caught_at_the_log_interval_without_splitting_t
         skip.fit(TinyContrastiveModule(), batches)
 
 
+class _StepsSeen(Callback):
+    def __init__(self):
+        self.last = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.last = trainer.global_step
+
+
+def test_online_evaluator_on_unlabelled_batches_on_xla_stops_at_the_log_interval():
+    """On XLA the online evaluator counts label -1 on the device (no host read per step) and the
+    run stops with the clear error where the accuracy counts are read: the logging interval."""
+    from scale_ssl.eval.online_evaluator import SSLOnlineEvaluator
+    from tests.xla.models import TinyContrastiveModule
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 12, 12, generator=g)
+    batches = [((x, x + 0.1), torch.full((8,), -1, dtype=torch.long))] * 4
+    evaluator = SSLOnlineEvaluator(num_classes=3, encoder_attr="net", log_every_n_steps=3)
+    seen = _StepsSeen()
+    trainer = Trainer(strategy=XLAStrategy(), max_steps=4, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, log_every_n_steps=3, callbacks=[seen, evaluator])
+    with pytest.raises(ValueError, match=r"label -1 .* model.online_ft=false for cpc_v2"):
+        trainer.fit(TinyContrastiveModule(), batches)
+    assert seen.last == 3
+
+
 def test_training_batches_reach_the_device_through_mp_device_loader(fmnist_batches):
     import torch_xla.distributed.parallel_loader as pl
 
@@ -196,13 +222,40 @@ def test_training_batches_reach_the_device_through_mp_device_loader(fmnist_batch
         assert torch.equal(x1.cpu(), r1) and torch.equal(x2.cpu(), r2) and torch.equal(y.cpu(), ry)
 
 
-# bf16 on XLA:CPU and on eager CPU round different intermediate results. Measured here: first
-# loss 9.6e-5 apart (relative); after two bf16 updates the runs have drifted to 1.0e-2.
-BF16_FIRST_LOSS_REL_TOL = 1e-3
-BF16_LOSS_REL_TOL = 3e-2
+# bf16-mixed is compared one step at a time, each step from the same initial weights. Free-running
+# bf16 runs of this test's recipe (plain SGD at lr 0.1, no LARS) are chaotic: the first update of
+# the 7x7 stem convolution is 1.9x that layer's own norm, so bf16's rounding of it (its direction
+# 2 % off the fp32 update on both backends) decides where the next steps go. Over 8 independent
+# data seeds the third loss of CPU bf16 was 0.3-4.6 % from fp32's, and XLA's bf16 0.1-4.3 % from
+# CPU bf16's, on either side (on the batches of issue 20's augmentation XLA's lay 8 % above CPU's,
+# on the earlier batches within 3 %): a free-run tolerance there measures luck.
+# Per step instead (measured on the three batches): losses 6e-4 apart at most (autocast runs
+# BatchNorm in fp32 on XLA, in bf16 on the CPU); the bf16 update's distance from the fp32 update,
+# ||dW_bf16 - dW_fp32|| / ||dW_fp32|| over all parameters, 0.198 / 0.201, 0.261 / 0.274 and
+# 0.277 / 0.278 (XLA / CPU). With autocast lost on the way to the XLA step it is 7e-6.
+BF16_LOSS_REL_TOL = 3e-3
+BF16_UPDATE_ERROR_RATIO = 1.5  # XLA's bf16 update error within [1/1.5, 1.5] x CPU's, on every batch
 
 
-def test_bf16_mixed_on_xla_autocasts_the_encoder_and_matches_cpu_bf16(fmnist_batches):
+def _one_step_update(strategy: str, precision: str, batch) -> tuple[float, dict]:
+    """The loss and the parameter update of one Trainer step from ``make_simclr``'s weights."""
+    start = {n: p.detach().double().clone() for n, p in make_simclr().named_parameters()}
+    model, trainer = fit(strategy, [batch], 1, enable_checkpointing=False, precision=precision)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed: weights stay fp32
+    loss = [h["train/loss"] for h in trainer.history if "train/loss" in h][0]
+    return loss, {n: p.detach().cpu().double() - start[n] for n, p in model.named_parameters()}
+
+
+def _distance(update: dict, reference: dict) -> float:
+    diff = sum(float((update[n] - reference[n]).square().sum()) for n in reference)
+    return (diff / sum(float(r.square().sum()) for r in reference.values())) ** 0.5
+
+
+def test_bf16_mixed_on_xla_autocasts_the_encoder_and_steps_like_cpu_bf16(fmnist_batches):
+    """bf16-mixed reaches the XLA device (autocast casts the convolutions), keeps fp32 weights,
+    and one Trainer step on XLA in bf16 is as far from the fp32 step as a bf16 step on the CPU is:
+    not closer (the step ran in fp32, autocast lost on the way) and not farther (something ran in
+    lower precision than autocast asks, or wrong). Three batches, each step from the same weights."""
     from scale_ssl.trainer.precision import Precision
 
     strategy = XLAStrategy()
@@ -213,14 +266,17 @@ def test_bf16_mixed_on_xla_autocasts_the_encoder_and_matches_cpu_bf16(fmnist_bat
         assert model.encoder.conv1(x).dtype == torch.bfloat16  # autocast reaches the XLA device
     assert model.encoder.conv1(x).dtype == torch.float32
 
-    xla_model, xla_trainer = fit("xla", fmnist_batches[:3], 3, enable_checkpointing=False, precision="bf16-mixed")
-    _, cpu_trainer = fit("single", fmnist_batches[:3], 3, enable_checkpointing=False, precision="bf16-mixed")
-    xla_losses = [h["train/loss"] for h in xla_trainer.history if "train/loss" in h]
-    cpu_losses = [h["train/loss"] for h in cpu_trainer.history if "train/loss" in h]
-    assert all(p.dtype == torch.float32 for p in xla_model.parameters())  # mixed: weights stay fp32
-    assert xla_losses[0] == pytest.approx(cpu_losses[0], rel=BF16_FIRST_LOSS_REL_TOL)
-    assert xla_losses == pytest.approx(cpu_losses, rel=BF16_LOSS_REL_TOL)
-    print(f"\nbf16-mixed losses xla {xla_losses} vs cpu {cpu_losses}")
+    measured = []
+    for batch in fmnist_batches[:3]:
+        xla_loss, xla_update = _one_step_update("xla", "bf16-mixed", batch)
+        cpu_loss, cpu_update = _one_step_update("single", "bf16-mixed", batch)
+        _, fp32_update = _one_step_update("single", "32", batch)
+        xla_error, cpu_error = _distance(xla_update, fp32_update), _distance(cpu_update, fp32_update)
+        measured.append((xla_loss, cpu_loss, xla_error, cpu_error))
+        assert xla_loss == pytest.approx(cpu_loss, rel=BF16_LOSS_REL_TOL)
+        assert 1 / BF16_UPDATE_ERROR_RATIO <= xla_error / cpu_error <= BF16_UPDATE_ERROR_RATIO, measured
+    print("\nbf16-mixed, one step per batch: loss xla / cpu, update error vs fp32 xla / cpu: "
+          + "; ".join(f"{a:.4f} / {b:.4f}, {c:.3f} / {d:.3f}" for a, b, c, d in measured))
 
 
 class _ReLUGates:
@@ -350,7 +406,7 @@ class _HostOps(Callback):
 
 
 def _host_op_cells():
-    from tests.xla.recipe_matrix import METHOD_NAMES
+    from tests._equivalence import METHOD_NAMES
 
     for method in METHOD_NAMES:
         # AMDIM (uneven adaptive pooling, logaddexp) and CPC v2 (Tensor.unfold, the online head's
@@ -362,10 +418,10 @@ def _host_op_cells():
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("method", list(_host_op_cells()))
 def test_every_method_steps_on_xla_with_nothing_on_the_host(method):
-    """Each method as its fmnist_cpu.yaml builds it (tiny sizes; tests/xla/recipe_matrix.py), three
+    """Each method as its fmnist_cpu.yaml builds it (tiny sizes; tests/_equivalence.py), three
     steps on one XLA device: no op falls back to the host and nothing is read back, so every step
     is one compiled program (metrics are read only at the logging interval, here never)."""
-    from tests.xla import recipe_matrix as matrix
+    from tests import _equivalence as matrix
 
     steps = 3
     host_ops = _HostOps(steps)
