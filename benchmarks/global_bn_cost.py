@@ -93,7 +93,7 @@ def _run(variant: str, args, model_kwargs: dict, precision: str, data) -> list[f
     loader = torch.utils.data.DataLoader(_Paired(data), batch_size=args.global_batch // WORLD, shuffle=True,
                                          collate_fn=collate)
     trainer.fit(model, loader)
-    assert trainer._equal_batches == (variant != "global_bn_checked"), "the variant does not test what it says"
+    assert trainer.loaders.batches_equal_by_construction == (variant != "global_bn_checked"), "the variant does not test what it says"
     return [b - a for a, b in zip(stamps.ends[args.warmup - 1 :], stamps.ends[args.warmup :])]
 
 

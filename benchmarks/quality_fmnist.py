@@ -9,9 +9,10 @@ machine's cores:
    (the warmup-cosine schedule then spans the real run, not a run cut short);
 2. pretrain (trainer ``single``; the data stream and losses are the distributed ones at world 1);
 3. kNN top-1 (k=200, T=0.1, cosine, weighted; bank = the 60k train split, scored = the 10k test
-   split) and a linear probe (top-1/top-5): a linear head trained through our ``Trainer`` on the
-   frozen encoder's features of the train split, precomputed once without augmentation (SGD,
-   momentum 0.9, cosine, ``--linear-epochs``). Precomputing is what makes a probe affordable on a
+   split) and a linear probe (top-1/top-5): ``scale_ssl.eval.feature_probe`` (the probe
+   ``scale-ssl eval report`` runs too), a linear head trained through our ``Trainer`` on the frozen
+   encoder's standardised features of the train split, precomputed once without augmentation (SGD,
+   momentum 0.9, lr 0.5, cosine, batch 256, ``--linear-epochs``). Precomputing is what makes a probe affordable on a
    CPU; ``scale-ssl eval linear`` is the augmented protocol.
 
 Baselines: raw pixels (kNN and linear on the 784 normalised pixels), a randomly initialised
@@ -42,15 +43,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from scale_ssl import Trainer  # noqa: E402
-from scale_ssl.cli.fit import build_train_stream  # noqa: E402
+from scale_ssl.cli.assembly import build_train_stream  # noqa: E402
 from scale_ssl.config import load_config  # noqa: E402
 from scale_ssl.data import EvalTransform, ShardedImageStream, make_fashion_mnist_shards  # noqa: E402
 from scale_ssl.data.supervised_transform import ClassifierTrainTransform  # noqa: E402
 from scale_ssl.eval import EncoderClassifier, EvalSplit, extract_features, knn_accuracy, raw_pixel_features  # noqa: E402
+from scale_ssl.eval.feature_probe import probe_features  # noqa: E402  (the demo report's probe too)
 from scale_ssl.methods import METHODS  # noqa: E402
 from scale_ssl.models import build_resnet_encoder  # noqa: E402
 from scale_ssl.strategies import build_strategy  # noqa: E402
 from scale_ssl.trainer import Callback  # noqa: E402
+from scale_ssl.trainer.trainer import native_cpu_bf16  # noqa: E402
 
 ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam", "dino")
 
@@ -111,38 +114,10 @@ def _features(encoder, split: EvalSplit, precision: str):
         return extract_features(encoder, split.batches(0, 1))
 
 
-def _linear_probe(train, test, num_classes: int, epochs: int, batch_size: int = 256, lr: float = 0.5) -> dict:
-    """Linear head on fixed features (a frozen encoder's, or raw pixels) through our Trainer."""
-    (x, y), (tx, ty) = train, test
-    feature_dim = x.shape[1]
-    # Standardise with train statistics: the head's lr then means the same for every encoder.
-    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp(min=1e-6)
-    x, tx = (x - mean) / std, (tx - mean) / std
-    g = torch.Generator().manual_seed(0)
-
-    class Epochs:
-        def __len__(self):
-            return x.shape[0] // batch_size
-
-        def __iter__(self):
-            order = torch.randperm(x.shape[0], generator=g)
-            for i in range(len(self)):
-                rows = order[i * batch_size : (i + 1) * batch_size]
-                yield x[rows], y[rows]
-
-    torch.manual_seed(0)  # the same head initialisation for every encoder
-    classifier = EncoderClassifier(nn.Identity(), feature_dim, num_classes, freeze_encoder=True, learning_rate=lr)
-    trainer = Trainer(strategy="single", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, num_sanity_val_steps=0)  # fmt: skip
-    trainer.fit(classifier, Epochs())
-    results = trainer.test(classifier, [(tx[i : i + 1024], ty[i : i + 1024]) for i in range(0, tx.shape[0], 1024)])[0]
-    return {"linear_top1": results["test/top1"], "linear_top5": results["test/top5"]}
-
-
 def _score(name: str, train, test, num_classes: int, args) -> dict:
     start = time.perf_counter()
     knn = knn_accuracy(test[0], test[1], train[0], train[1], num_classes, k=args.knn_k, temperature=0.1)
-    scores = {"knn_top1": knn, **_linear_probe(train, test, num_classes, args.linear_epochs)}
+    scores = {"knn_top1": knn, **probe_features(train, test, num_classes, epochs=args.linear_epochs)}
     scores["eval_s"] = round(time.perf_counter() - start, 1)
     print(f"[{name}] kNN {100 * knn:.2f} %, linear {100 * scores['linear_top1']:.2f} %", flush=True)
     return scores
@@ -160,6 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", default=os.path.join(REPO, "data", "fashion-mnist"))
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "quality_fmnist"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--precision", default="auto",
+                        help="trainer.precision for every fit: 32, bf16-mixed, or auto (the configs' bf16-mixed where "
+                             "the CPU runs bf16 natively, fp32 where bf16 would be emulated and slower)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per encoder: checks the script runs")
     parser.add_argument("--skip-supervised", action="store_true",
                         help="leave out the supervised baseline (it costs one more budget); raw pixels and "
@@ -181,9 +159,13 @@ def main(argv=None) -> int:
         make_fashion_mnist_shards(shards, shard_size=5000, overwrite=True)
     budget_s = 60 * args.budget_minutes
 
-    # Smoke: small batches and no loader workers, so the 2 steps per encoder take seconds.
-    smoke_overrides = ["trainer.global_batch_size=64", "data.num_workers=0"] if args.smoke else []
-    base = _config("simclr", shards, args.out, smoke_overrides)
+    # Smoke: small batches and no loader workers, so the 2 steps per encoder take seconds; every run: --precision.
+    overrides = ["trainer.global_batch_size=64", "data.num_workers=0"] if args.smoke else []
+    if args.precision == "auto":
+        args.precision = None if native_cpu_bf16() else "32"
+    if args.precision is not None:
+        overrides.append(f"trainer.precision={args.precision}")
+    base = _config("simclr", shards, args.out, overrides)
     d = base.data
     view = EvalTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std))
     bank, test = EvalSplit(f"{shards}/train", view, 1024), EvalSplit(f"{shards}/test", view, 1024)
@@ -218,7 +200,7 @@ def main(argv=None) -> int:
         results["supervised encoder (same budget)"] = {**info, **_score("supervised", *feats, num_classes, args)}
 
     for method in methods:
-        config = _config(method, shards, os.path.join(args.out, method), smoke_overrides)
+        config = _config(method, shards, os.path.join(args.out, method), overrides)
         resolved = OmegaConf.to_container(config, resolve=True)
         strategy = build_strategy("single")
 
@@ -246,7 +228,7 @@ def main(argv=None) -> int:
 
     meta = {"smoke": args.smoke, "budget_minutes": args.budget_minutes, "steps": args.steps, "threads": args.threads,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "linear_epochs": args.linear_epochs, "knn_k": args.knn_k, "methods": methods,
+            "linear_epochs": args.linear_epochs, "knn_k": args.knn_k, "methods": methods, "precision": args.precision,
             "skip_supervised": args.skip_supervised}  # fmt: skip
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump({"meta": meta, "results": results}, handle, indent=2)

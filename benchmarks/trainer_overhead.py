@@ -7,7 +7,7 @@ The workload is SimCLR as the issue fixes it: a ResNet small-image variant (3x3 
 a 2-layer projection head (512 -> 2048 -> 128), NT-Xent (T = 0.5), SGD (lr 0.1, momentum 0.9,
 wd 1e-6) under the warmup-cosine schedule, fp32, two views of ``global_batch`` 32 px RGB images
 made once in memory (no data pipeline). Under N ranks each rank holds ``global_batch / N`` images
-(the global batch is the unit, DESIGN.md contract 1), so every world size does the same work.
+(the global batch is the unit, docs/ARCHITECTURE.md contract 1), so every world size does the same work.
 
 Contenders (each in its own process group, started by this driver: ``python`` for 1 rank,
 ``torchrun --standalone`` for N ranks; ``cores / N`` torch threads per rank, the same for all):

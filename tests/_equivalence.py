@@ -57,9 +57,11 @@ from scale_ssl.trainer.seed import seed_everything
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD_NAMES = ("simclr", "swav", "moco", "byol", "simsiam", "amdim", "cpc_v2")
-BACKENDS = ("dp2", "ddp2", "ddp4", "zero1", "zero2", "zero3")
+BACKENDS = ("dp2", "ddp2", "ddp4", "zero1", "zero2", "zero3", "fsdp2")
+# DINO (ViT, issue 24) joined with the FSDP column; the older columns predate it.
+FSDP_METHOD_NAMES = (*METHOD_NAMES, "dino")
 PRECISIONS = ("32", "bf16-mixed")
-WORLD = {"dp2": 1, "ddp2": 2, "ddp4": 4, "zero1": 2, "zero2": 2, "zero3": 2}
+WORLD = {"dp2": 1, "ddp2": 2, "ddp4": 4, "zero1": 2, "zero2": 2, "zero3": 2, "fsdp2": 2}
 GLOBAL_BATCH = 16
 BATCHES_PER_EPOCH = 3
 EPOCHS = 2
@@ -106,8 +108,12 @@ TINY = {
     "simsiam": {"arch": "resnet10", "hidden_mlp": 32, "feat_dim": 32, "predictor_hidden_dim": 8},
     "amdim": {"encoder_feature_dim": 8, "embedding_fx_dim": 16, "conv_block_depth": 1},
     "cpc_v2": {"encoder_width": 8, "encoder_depth": 1, "target_dim": 16},
+    # ViT-mini/7 on 14 px global crops (2 x 2 patches) and 7 px local ones (one patch); no drop
+    # path (its masks are drawn per rank); the last layer frozen in epoch 0 (steps 1-3).
+    "dino": {"encoder_options": {"image_size": 14, "drop_path_rate": 0.0, "pool": "cls"}, "out_dim": 32,
+             "hidden_dim": 16, "bottleneck_dim": 8, "num_crops": [2, 2], "freeze_last_layer": 1},
 }
-IMAGE_SIZE = {"amdim": 28, "cpc_v2": 28}  # their encoders' smallest input; ResNets see 16 px
+IMAGE_SIZE = {"amdim": 28, "cpc_v2": 28, "dino": 14}  # their encoders' smallest input; ResNets see 16 px
 WARMUP_STEPS = 2  # the configs warm up over 10-20 of 200 steps; here 2 of 6, then the cosine
 CONFIG_GLOBAL_BATCH = 256  # what every fmnist_cpu.yaml trains with
 
@@ -140,7 +146,8 @@ def global_batches(method: str, permutation: torch.Tensor | None = None) -> list
     """STEPS global batches ((views...), labels); rows permuted by ``permutation`` if given."""
     g = torch.Generator().manual_seed(SEED + 1)
     size = IMAGE_SIZE.get(method, 16)
-    sizes = (size, size, size // 2, size // 2) if method == "swav" else (size, size)
+    multicrop = method in ("swav", "dino")
+    sizes = (size, size, size // 2, size // 2) if multicrop else (size, size)
     out = []
     for _ in range(STEPS):
         base = torch.rand(GLOBAL_BATCH, 1, size, size, generator=g)
@@ -151,7 +158,7 @@ def global_batches(method: str, permutation: torch.Tensor | None = None) -> list
         labels = torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
         if permutation is not None:
             views, labels = [v[permutation] for v in views], labels[permutation]
-        out.append((list(views) if method == "swav" else tuple(views), labels))
+        out.append((list(views) if multicrop else tuple(views), labels))
     return out
 
 
@@ -193,7 +200,12 @@ STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 
 def _is_ema(name: str) -> bool:
-    return name.startswith(("target_", "momentum_encoder.", "momentum_projection."))
+    return name.startswith(("target_", "momentum_encoder.", "momentum_projection.", "teacher_"))
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every rank calls it), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def snapshot(trainer, module, loss: torch.Tensor) -> dict:
@@ -214,6 +226,7 @@ def snapshot(trainer, module, loss: torch.Tensor) -> dict:
         held = strategy.master_parameters([p for _, p in ema])
         out["ema_working_exact"] = True
         for (name, p), value in zip(ema, held):
+            value = _whole(value)
             out["ema"][name] = value.detach().float().cpu().clone()
             out["ema_dtypes"].add(str(value.dtype).replace("torch.", ""))
             working = _working_value(p)
@@ -261,7 +274,7 @@ def _full_value(p, engine) -> torch.Tensor:
 
             with deepspeed.zero.GatheredParameters([p]):
                 return p.detach().float().cpu().clone()
-    return p.detach().float().cpu().clone()
+    return _whole(p.detach()).float().cpu().clone()
 
 
 def _working_value(p) -> torch.Tensor:
@@ -270,20 +283,22 @@ def _working_value(p) -> torch.Tensor:
 
         with deepspeed.zero.GatheredParameters([p]):
             return p.detach().cpu().clone()
-    return p.detach().cpu().clone()
+    return _whole(p.detach()).cpu().clone()
 
 
 def _ema_rate(module) -> float | None:
     """The tau of the EMA update this step made (BYOL's cosine schedule, MoCo's fixed m)."""
     if hasattr(module, "current_tau"):
         return float(module.current_tau)
+    if hasattr(module, "current_momentum"):  # DINO's teacher
+        return float(module.current_momentum)
     if "encoder_momentum" in getattr(module, "hparams", {}):
         return float(module.hparams["encoder_momentum"])
     return None
 
 
 ONLINE_OF = {"target_encoder.": "encoder.", "target_projector.": "projector.", "momentum_encoder.": "encoder.",
-             "momentum_projection.": "projection."}
+             "momentum_projection.": "projection.", "teacher_encoder.": "encoder.", "teacher_head.": "head."}
 
 
 def ema_recurrence_error(previous: dict, taken: dict) -> float:
@@ -311,7 +326,7 @@ def _full_state(p, key, optimizer, engine) -> torch.Tensor | None:
             value = _stage12_state(p, key, engine)
         return None if value is None else value.detach().float().cpu().clone()
     value = optimizer.state.get(p, {}).get(key)
-    return value.detach().float().cpu().clone() if isinstance(value, torch.Tensor) else None
+    return _whole(value.detach()).float().cpu().clone() if isinstance(value, torch.Tensor) else None
 
 
 def _stage12_state(p, key, engine) -> torch.Tensor:
@@ -577,14 +592,20 @@ class Cell:
         return self.backend.startswith("zero")
 
     @property
+    def engine_reference(self) -> bool:
+        """bf16 cells compared with the same engine on one rank (its own bf16 scheme)."""
+        return self.deepspeed or self.backend.startswith("fsdp")
+
+    @property
     def reference(self) -> str:
         """The one-process run a bf16 cell is compared with (fp32 cells: ``single-fp32``)."""
         if self.precision == "32":
             return "single-fp32"
-        return f"{self.backend}-bf16" if self.deepspeed else "single-bf16"
+        return f"{self.backend}-bf16" if self.engine_reference else "single-bf16"
 
 
-ALL_CELLS = [Cell(m, b, p) for p in PRECISIONS for b in BACKENDS for m in METHOD_NAMES]
+ALL_CELLS = [Cell(m, b, p) for p in PRECISIONS for b in BACKENDS
+             for m in (FSDP_METHOD_NAMES if b.startswith("fsdp") else METHOD_NAMES)]
 # cell id -> a phrase of the start-up error that refuses it (none: every cell trains).
 EXPECTED_REFUSALS: dict[str, str] = {}
 
@@ -603,9 +624,11 @@ class Result:
     seconds: float = 0.0
 
 
-def strategy_for(backend: str, world: int):
-    from scale_ssl.strategies import DDPStrategy, DeepSpeedStrategy, DPStrategy, SingleDeviceStrategy
+def strategy_for(backend: str, world: int, precision: str = "32"):
+    from scale_ssl.strategies import DDPStrategy, DeepSpeedStrategy, DPStrategy, FSDPStrategy, SingleDeviceStrategy
 
+    if backend.startswith("fsdp"):
+        return FSDPStrategy(accelerator="cpu", precision=precision, sync_batchnorm=True)
     if backend == "single":
         return SingleDeviceStrategy(accelerator="cpu")
     if backend.startswith("dp"):
@@ -629,7 +652,7 @@ class _Run:
         self.ema_errors: list[float] = []
         self.ema_dtypes: set[str] = set()
         self._previous_ema = None
-        if method in ("byol", "moco"):
+        if method in ("byol", "moco", "dino"):
             initial = build_module(method)
             self._previous_ema = {n: p.detach().float() for n, p in initial.named_parameters() if _is_ema(n)}
 
@@ -658,7 +681,7 @@ def run_cell(cell: Cell, rank: int, world: int, root: str) -> Result | None:
         batches = rank_slice(batches, rank, world)
     result = Result(cell)
     try:
-        train(cell.method, strategy_for(cell.backend, world), cell.precision, batches, [Recorder(run)])
+        train(cell.method, strategy_for(cell.backend, world, cell.precision), cell.precision, batches, [Recorder(run)])
     except ValueError as err:
         if cell.id not in EXPECTED_REFUSALS:
             raise
@@ -724,7 +747,8 @@ def run_reference(method: str, kind: str, root: str) -> None:
     if os.path.isfile(os.path.join(directory, f"step{STEPS}.pt")):
         return
     perm = permutation() if variant == ["perm"] else None
-    train(method, strategy_for(backend, 1), "32" if precision == "fp32" else "bf16-mixed",
+    precision = "32" if precision == "fp32" else "bf16-mixed"
+    train(method, strategy_for(backend, 1, precision), precision,
           global_batches(method, perm), [Recorder(save_sink(directory))], permuted=perm)
 
 
@@ -764,7 +788,8 @@ def problems(result: Result) -> list[str]:
 
 
 # -- launches: one per backend ---------------------------------------------------------------------------
-LAUNCH = {"dp2": "dp2", "ddp2": "ddp2", "ddp4": "ddp4", "zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed"}
+LAUNCH = {"dp2": "dp2", "ddp2": "ddp2", "ddp4": "ddp4", "zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed",
+          "fsdp2": "fsdp2"}
 
 
 def ranks_run_cells(rank: int, world: int, cells: list, root: str, deepspeed_checks: tuple = ()) -> tuple:

@@ -42,10 +42,10 @@ class Matrix:
         cells = [c for c in self.selected if E.LAUNCH[c.backend] == launch]
         jobs = E.reference_jobs(cells)
         for method, kind in jobs:
-            if not kind.startswith("zero"):
+            if not kind.startswith(("zero", "fsdp")):
                 E.run_reference(method, kind, self.root)
-        deepspeed_jobs = [j for j in jobs if j[1].startswith("zero")]
-        if deepspeed_jobs:  # DeepSpeed on one rank still wants a process group
+        deepspeed_jobs = [j for j in jobs if j[1].startswith(("zero", "fsdp"))]
+        if deepspeed_jobs:  # DeepSpeed / FSDP on one rank still want a process group
             run_on_ranks(E.ranks_run_references, 1, deepspeed_jobs, self.root)
         checks = (1, 2, 3) if launch == "deepspeed" and self.want_deepspeed_checks else ()
         if launch == "dp2":

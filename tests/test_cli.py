@@ -119,6 +119,7 @@ def test_torchrun_two_ranks_fit(fmnist_shards, tmp_path):
     # The config's default: BatchNorm over both ranks' samples, and the banner says so.
     assert "BatchNorm: global over the 2 ranks' 32 samples (trainer.sync_batchnorm=true)" in proc.stdout, proc.stdout
     assert "terminate called" not in proc.stderr  # ranks leave cleanly (strategies/ddp.py)
+    assert proc.stdout.count("scale_ssl fit: done, 3 steps") == 1, proc.stdout  # the summary: rank zero only
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["world_size"] == 2
     assert len(ckpt["rng_states"]) == 2
@@ -140,7 +141,7 @@ def test_dp_without_devices_is_a_clear_error(capsys, fmnist_shards, tmp_path):
 
 def test_every_multi_part_strategy_takes_the_default_global_batchnorm(fmnist_shards, tmp_path):
     """The configs default to global BN, and every strategy that splits a batch honours it."""
-    from scale_ssl.cli.fit import GLOBAL_BATCHNORM_STRATEGIES, build_strategy_from_config
+    from scale_ssl.cli.assembly import GLOBAL_BATCHNORM_STRATEGIES, build_strategy_from_config
 
     for strategy in GLOBAL_BATCHNORM_STRATEGIES:
         overrides = [*tiny_overrides(fmnist_shards, tmp_path, strategy=strategy), "trainer.devices=2"]

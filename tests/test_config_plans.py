@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from scale_ssl.cli.fit import build_strategy_from_config
+from scale_ssl.cli.assembly import build_strategy_from_config
 from scale_ssl.cli.main import main
 from scale_ssl.cli.run_plan import resolve_plan
 from scale_ssl.config import ConfigError, load_config

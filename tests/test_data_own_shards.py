@@ -17,7 +17,7 @@ import pytest
 import torch
 from scale_ssl.data import EpochShardPlan, ShardedImageStream, ShardIndex
 from scale_ssl.data.sample_fields import MissingLabelsError
-from scale_ssl.eval.eval_split import EvalSplit
+from scale_ssl.probes.eval_split import EvalSplit
 from scale_ssl.cli.main import main as cli_main
 from tests._dist_workers_data import pixels_as_tensor, train_epochs_on_rank
 from tests._own_shards import CLASS_NAMES, USER_SHARD_SIZES, key_of, write_user_shards

@@ -213,7 +213,7 @@ def test_real_gloo_ranks_with_workers_take_equal_steps_and_share_no_sample(shard
 def test_config_data_fields_reach_the_stream_and_bad_values_are_named(tmp_path):
     from omegaconf import OmegaConf
 
-    from scale_ssl.cli.fit import build_train_stream
+    from scale_ssl.cli.assembly import build_train_stream
     from scale_ssl.config import RunConfig
     from scale_ssl.config.load import ConfigError, validate_config
 

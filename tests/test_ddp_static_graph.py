@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from scale_ssl.cli.fit import build_strategy_from_config
+from scale_ssl.cli.assembly import build_strategy_from_config
 from scale_ssl.config import ConfigError, load_config
 from scale_ssl.methods import SimCLR
 from scale_ssl.strategies import DDPStrategy

@@ -12,6 +12,7 @@ import torch
 
 from scale_ssl.strategies import DeepSpeedStrategy
 from scale_ssl.strategies.deepspeed import consolidate_checkpoint
+from scale_ssl.strategies.step_settings import StepSettings
 from scale_ssl.trainer import Trainer
 from tests.test_strategy_matrix import TinyContrastive
 
@@ -43,8 +44,7 @@ def test_bf16_runs(deepspeed_engines):
 
 def test_fp16_on_cpu_is_a_clear_error(monkeypatch):
     strategy = DeepSpeedStrategy(accelerator="cpu", zero_stage=2)
-    strategy.trainer = Trainer(strategy="single", precision="32")
-    strategy.trainer.precision_name = "16-mixed"
+    strategy.configure_step(StepSettings(precision="16-mixed"))
     with pytest.raises(ValueError, match="DeepSpeed's CPU accelerator has no fp16"):
         strategy.build_config()
 
@@ -53,7 +53,7 @@ def test_user_config_is_checked_against_trainer_settings(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text('{"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}')
     strategy = DeepSpeedStrategy(accelerator="cpu", zero_stage=2, config=str(path))
-    strategy.trainer = Trainer(strategy="single", accumulate_grad_batches=2)
+    strategy.configure_step(StepSettings(accumulate_grad_batches=2))
     with pytest.raises(ValueError, match="gradient_accumulation_steps=4 but the trainer settings give 2"):
         strategy.build_config()
     with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3"):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from scale_ssl.cli.main import EXIT_BAD_INPUT, main
-from scale_ssl.strategies.checkpoint_io import weights_only_loads
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.files import weights_only_loads
+from scale_ssl.checkpoint.reader import read_checkpoint
 
 pytest.importorskip("deepspeed")
 

@@ -28,6 +28,9 @@ DEFAULT_CELLS = {
     # step ~40x fp32): the fixes' bf16 side is in tests/test_deepspeed_fixes.py on small modules,
     # the real-recipe bf16 cells in `make test-all`.)
     "zero1-swav-fp32", "zero2-swav-fp32", "zero3-swav-fp32",
+    # fsdp: LARS over DTensor shards, the prototype freeze and row-wise normalisation on shards,
+    # global BatchNorm and the queue (the rest of the column, DINO included, in `make test-all`).
+    "fsdp2-swav-fp32",
 }
 CELLS = [pytest.param(cell, id=cell.id, marks=[] if cell.id in DEFAULT_CELLS else [pytest.mark.slow])
          for cell in E.ALL_CELLS]
@@ -40,7 +43,7 @@ def test_cell_equals_one_process(cell, equivalence):
     assert not E.problems(result), f"{cell.id}: {E.problems(result)}; figures {result.figures}, floor {result.floor}"
     if cell.method == "swav":
         assert result.frozen_prototypes_bitwise is True
-    if cell.method in ("byol", "moco"):
+    if cell.method in ("byol", "moco", "dino"):
         assert result.ema_dtypes == ["float32"] and result.ema_recurrence is not None
 
 

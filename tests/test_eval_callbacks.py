@@ -13,7 +13,7 @@ from torch import nn
 from scale_ssl import Trainer
 from scale_ssl.data import FMNIST_MEAN, FMNIST_STD, EvalTransform, ShardedImageStream
 from scale_ssl.eval.knn_callback import KNNEvaluatorCallback
-from scale_ssl.eval.online_evaluator import SSLOnlineEvaluator
+from scale_ssl.probes.online_evaluator import SSLOnlineEvaluator
 from scale_ssl.methods import SimCLR
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer import SSLModule

@@ -20,7 +20,7 @@ from scale_ssl.cli.main import EXIT_BAD_INPUT, main
 from scale_ssl.eval.classifier import EncoderClassifier
 from scale_ssl.eval.export import export_encoder, torchvision_resnet
 from scale_ssl.methods import SimCLR
-from scale_ssl.strategies.checkpoint_io import save_checkpoint_file
+from scale_ssl.checkpoint.files import save_checkpoint_file
 from tests.test_cli import CONFIG, REPO, tiny_overrides
 
 

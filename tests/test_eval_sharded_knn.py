@@ -10,7 +10,7 @@ from torch import nn
 from scale_ssl.data import FMNIST_MEAN, FMNIST_STD, EvalTransform
 from scale_ssl.data.rank_full_pass import rank_slice
 from scale_ssl.eval import knn_predict
-from scale_ssl.eval.eval_split import EvalSplit
+from scale_ssl.probes.eval_split import EvalSplit
 from scale_ssl.eval.knn_callback import knn_accuracy_on_splits
 from scale_ssl.eval.sharded_knn import (
     local_topk_candidates,

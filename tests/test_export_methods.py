@@ -14,7 +14,7 @@ import torch
 from scale_ssl.cli.main import EXIT_BAD_INPUT, main
 from scale_ssl.eval.export import torchvision_resnet
 from scale_ssl.methods import AMDIM, BYOL, CPCV2, MoCoV2, SimCLR, SimSiam, SwAV
-from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
+from scale_ssl.checkpoint.files import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
 from scale_ssl.trainer.seed import seed_everything
 
 STEM = dict(in_channels=1, first_conv=True, maxpool1=False)

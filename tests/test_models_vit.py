@@ -16,7 +16,7 @@ from scale_ssl.cli.main import main
 from scale_ssl.methods import AMDIM, BYOL, CPCV2, MoCoV2, SimCLR, SimSiam, SwAV
 from scale_ssl.methods.ema import frozen_copy
 from scale_ssl.models import build_encoder, build_vit_encoder, torchvision_vit
-from scale_ssl.strategies.checkpoint_io import save_checkpoint_file
+from scale_ssl.checkpoint.files import save_checkpoint_file
 from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.seed import seed_everything
 

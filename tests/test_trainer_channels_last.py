@@ -8,7 +8,7 @@ import torch
 
 from scale_ssl.methods import SimCLR
 from scale_ssl.trainer import Trainer
-from scale_ssl.trainer.trainer import native_cpu_bf16
+from scale_ssl.trainer.model_preparation import native_cpu_bf16
 
 
 def tiny_simclr() -> SimCLR:

@@ -115,7 +115,7 @@ def _scenarios(rank, world, call_log):
     trainer.fit(model, DataLoader(indexed(TRAIN_SAMPLES), batch_size=4, shuffle=True))
     out["seen"] = model.seen
     out["sampler"] = type(trainer.train_dataloader.sampler).__name__
-    out["equal_by_construction"] = trainer._equal_batches
+    out["equal_by_construction"] = trainer.loaders.batches_equal_by_construction
     metrics = trainer.validate(model, DataLoader(indexed(7), batch_size=2))
     out["val_seen"], out["val_index_sq"] = model.val_seen, metrics[0]["val/index_sq"]
 

@@ -13,18 +13,17 @@ import os
 
 from omegaconf import OmegaConf
 
-from scale_ssl.cli.evaluate import _config_for
-from scale_ssl.cli.fit import build_strategy_from_config, set_cpu_threads
+from scale_ssl.cli.assembly import build_strategy_from_config, config_for_checkpoint, set_cpu_threads
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.data import EvalTransform, ShardedImageStream
 from scale_ssl.data.sample_fields import require_labels
 from scale_ssl.data.supervised_transform import ClassifierTrainTransform
 from scale_ssl.eval.classifier import infer_feature_dim
-from scale_ssl.eval.eval_split import EvalSplit
+from scale_ssl.probes.eval_split import EvalSplit
 from scale_ssl.eval.finetune import finetune
 from scale_ssl.eval.linear_probe import linear_probe
 from scale_ssl.methods import METHODS
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.reader import read_checkpoint
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.seed import seed_everything
@@ -73,7 +72,7 @@ def _logger(config, checkpoint: dict, mode: str, rank: int):
 def run_classifier_eval(args, mode: str) -> dict[str, float]:
     """``mode``: ``"linear"`` (frozen encoder) or ``"finetune"`` (whole network)."""
     checkpoint = read_checkpoint(args.ckpt)
-    config = _config_for(args, checkpoint)
+    config = config_for_checkpoint(args, checkpoint)
     d, t = config.data, config.trainer
     if d.val_shards is None:
         raise ConfigError(f"data.val_shards is null: eval {mode} needs a test split to report top-1/top-5")

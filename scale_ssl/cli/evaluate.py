@@ -10,36 +10,19 @@ import time
 
 import torch
 
-from scale_ssl.config import ConfigError, load_config
+from scale_ssl.config import ConfigError
 from scale_ssl.data import EvalTransform
-from scale_ssl.data.full_pass import full_pass_batches
+from scale_ssl.cli.assembly import load_split
 from scale_ssl.data.full_pass import load_labelled_index
 from scale_ssl.eval import extract_features, knn_accuracy, raw_pixel_features
 from scale_ssl.methods import METHODS
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.reader import read_checkpoint
 from scale_ssl.tracking import MLflowLogger
-
-
-def _config_for(args, checkpoint: dict):
-    if args.config is not None:
-        return load_config(args.config, args.overrides)
-    stored = checkpoint.get("config")
-    if not stored:
-        raise ConfigError(f"checkpoint {args.ckpt!r} stores no config; pass --config")
-    # "derived" holds what fit computed (world size, steps per epoch), not settings.
-    stored = {k: v for k, v in stored.items() if k != "derived"}
-    return load_config(None, args.overrides, base=stored)
-
-
-def _load_split(source, transform, batch_size: int, label_key: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode a split once; every encoder (and the raw-pixel baseline) then reads the same tensors."""
-    return [(images, labels) for images, labels in
-            full_pass_batches(source, transform, batch_size=batch_size, num_workers=1, label_key=label_key)]
 
 
 def run_knn_eval(args) -> dict[str, float]:
     checkpoint = read_checkpoint(args.ckpt)
-    config = _config_for(args, checkpoint)
+    config = config_for_checkpoint(args, checkpoint)
     if config.data.val_shards is None:
         raise ConfigError("data.val_shards is null: kNN needs a test split to score")
     method_cls = METHODS[config.method]
@@ -55,8 +38,8 @@ def run_knn_eval(args) -> dict[str, float]:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=str(config.trainer.precision) == "bf16-mixed")
 
     start = time.perf_counter()
-    bank_batches = _load_split(d.train_shards, transform, e.batch_size, label_key)
-    test_batches = _load_split(d.val_shards, transform, e.batch_size, label_key)
+    bank_batches = load_split(d.train_shards, transform, e.batch_size, label_key)
+    test_batches = load_split(d.val_shards, transform, e.batch_size, label_key)
     decode_s = time.perf_counter() - start
 
     def knn(bank, bank_labels, test, test_labels) -> float:

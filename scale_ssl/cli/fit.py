@@ -2,75 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from scale_ssl.cli.assembly import build_strategy_from_config, build_train_stream, set_cpu_threads
+from scale_ssl.cli.fit_summary import FitClock
 from scale_ssl.config import ConfigError, per_device_batch_size
-from scale_ssl.data import ShardedImageStream
 from scale_ssl.data.shard_source import ShardSourceError
 from scale_ssl.methods import METHODS
 from scale_ssl.optim import OptimRecipe, effective_lr
-from scale_ssl.strategies import build_strategy
 from scale_ssl.tracking import MLflowLogger
 from scale_ssl.trainer import Trainer
 from scale_ssl.trainer.seed import seed_everything
-
-
-# Strategies that normalise BatchNorm over the global batch when trainer.sync_batchnorm is true (the
-# default); a one-process run already normalises over its whole batch, so the flag changes nothing there.
-GLOBAL_BATCHNORM_STRATEGIES = ("ddp", "xla", "dp", "deepspeed")
-
-
-def build_strategy_from_config(config: DictConfig):
-    t = config.trainer
-    options = {"accelerator": t.accelerator}
-    if t.strategy in GLOBAL_BATCHNORM_STRATEGIES:
-        options["sync_batchnorm"] = t.sync_batchnorm
-    if t.strategy == "ddp":
-        options["timeout_s"] = t.collective_timeout_s
-        options["static_graph"] = t.static_graph
-    elif t.static_graph:
-        raise ConfigError(f"trainer.static_graph=true is a DDP option and needs trainer.strategy=ddp (got {t.strategy!r})")
-    elif t.strategy == "dp":
-        if t.devices is None:
-            raise ConfigError("trainer.strategy=dp needs trainer.devices (the number of parts per batch), e.g. trainer.devices=2")
-        options["devices"] = t.devices
-    elif t.strategy == "deepspeed":
-        options.update(zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
-                       offload_parameters=t.offload_parameters, config=t.deepspeed_config)
-    return build_strategy(t.strategy, **options)
-
-
-def set_cpu_threads(config: DictConfig, strategy) -> None:
-    """Ranks sharing a CPU must share its cores, or they oversubscribe and all slow down."""
-    if config.trainer.num_threads is not None:
-        torch.set_num_threads(config.trainer.num_threads)
-    elif strategy.root_device.type == "cpu":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-
-
-def build_train_stream(config: DictConfig, strategy, batch_size: int) -> ShardedImageStream:
-    d = config.data
-    return ShardedImageStream(
-        d.train_shards,
-        batch_size=batch_size,
-        transform=METHODS[config.method].train_transform(d),
-        rank=strategy.global_rank,
-        world_size=strategy.world_size,
-        num_workers=d.num_workers,
-        seed=config.trainer.seed,
-        shuffle_buffer=d.shuffle_buffer,
-        mode=d.mode,
-        max_corrupt_fraction=d.max_corrupt_fraction,
-        retries=d.retries,
-        retry_delay=d.retry_delay,
-        io_timeout=d.io_timeout,
-        image_keys=list(d.image_keys) or None,
-        label_key=d.label_key,
-    )
 
 
 def batchnorm_line(config: DictConfig, module, world_size: int, per_device: int) -> str:
@@ -133,6 +76,7 @@ def run_fit(config: DictConfig):
         resolved["derived"].update(method_figures(resolved["model"], t.global_batch_size // t.accumulate_grad_batches))
     if resolved.get("optim"):
         resolved["derived"]["effective_lr"] = effective_lr(resolved["optim"].get("lr", 1e-3), t.global_batch_size)
+    clock = FitClock()
     logger = False
     if config.tracking.enabled:
         logger = MLflowLogger(
@@ -162,6 +106,7 @@ def run_fit(config: DictConfig):
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
         compile_model=t.compile,
         channels_last=t.channels_last,
+        callbacks=[clock],
     )
     if strategy.is_global_zero:
         d = resolved["derived"]
@@ -184,4 +129,5 @@ def run_fit(config: DictConfig):
     # Nothing after fit needs the group. After an error the strategy's exit hook destroys it
     # instead, once the traceback holding DDP's frames is released (strategies/ddp.py).
     strategy.teardown()
+    clock.print_summary(trainer, t.global_batch_size)
     return trainer, module

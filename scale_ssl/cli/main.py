@@ -15,7 +15,7 @@ import sys
 from scale_ssl.config import ConfigError
 from scale_ssl.data.shard_source import ShardIndexMismatchError, ShardSourceError
 from scale_ssl.data.stream import DataCorruptionError
-from scale_ssl.strategies import LaunchError
+from scale_ssl.runtime import LaunchError
 
 EXIT_BAD_INPUT = 2
 
@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     knn.add_argument("--config", default=None, help="config (default: the one stored in the checkpoint)")
     knn.add_argument("--baselines", action="store_true", help="also score raw pixels and a random-init encoder")
     knn.add_argument("overrides", nargs="*", help="dotted overrides such as eval.knn_k=20")
+    report = ev_sub.add_parser("report", help="kNN and linear probe of the encoder against raw pixels and a random-init "
+                               "encoder: a table with margins, logged to the run's MLflow with figures")
+    report.add_argument("--ckpt", required=True, help="checkpoint written by scale-ssl fit (a .ckpt file, or a DeepSpeed checkpoint directory)")
+    report.add_argument("--config", default=None, help="config (default: the one stored in the checkpoint)")
+    report.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the encoder only")
+    report.add_argument("overrides", nargs="*", help="dotted overrides such as eval.knn_k=20")
     for mode, help_text in (("linear", "train a linear head on the frozen encoder; top-1/top-5 on the test split"),
                             ("finetune", "fine-tune the whole network (encoder at a lower lr); top-1/top-5 on the test split")):
         cls = ev_sub.add_parser(mode, help=help_text)
@@ -116,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             from scale_ssl.cli.evaluate import run_knn_eval
 
             run_knn_eval(args)
+        elif args.command == "eval" and args.eval_command == "report":
+            from scale_ssl.cli.report import run_report
+
+            run_report(args)
         elif args.command == "eval" and args.eval_command in ("linear", "finetune"):
             from scale_ssl.cli.classifier_eval import run_classifier_eval
 

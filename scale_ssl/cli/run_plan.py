@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from scale_ssl.cli.assembly import build_strategy_from_config
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.methods import METHODS
+from scale_ssl.strategies.step_settings import StepSettings
 
 LR_RULES = ("linear", "sqrt", "none")
 # Relative tolerance when checking a written lr against its rule (configs round to 4-5 digits).
@@ -135,8 +136,6 @@ def resolve_plan(config: DictConfig, world_size: int | None = None, config_path:
 def _check_strategy(config: DictConfig):
     """Build the strategy object as ``fit`` does (no process group, no device): its constructor
     checks the strategy's own options."""
-    from scale_ssl.cli.fit import build_strategy_from_config
-
     try:
         return build_strategy_from_config(config)
     except ValueError as err:
@@ -148,22 +147,14 @@ def _deepspeed_config(strategy, config: DictConfig, batch: int, world: int) -> d
     precision and clipping merged with (and checked against) ``trainer.deepspeed_config``."""
     t = config.trainer
     strategy.micro_batch_size = batch
-    # build_config reads these trainer settings; before launch there is no Trainer yet.
-    strategy.trainer = SimpleNamespace(
-        precision_name=str(t.precision), accumulate_grad_batches=t.accumulate_grad_batches,
+    strategy.configure_step(StepSettings(
+        precision=str(t.precision), accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val, gradient_clip_algorithm=t.gradient_clip_algorithm,
-    )
-    saved = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world)  # what the launcher will set; build_config plans with it
+    ))
     try:
-        return strategy.build_config()
+        return strategy.build_config(world_size=world)  # the world the launcher will start
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    finally:
-        if saved is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = saved
 
 
 def _queue_rows_per_rank(method: str, queue_length: int, world: int) -> int:

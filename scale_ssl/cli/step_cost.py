@@ -143,7 +143,10 @@ def measure_step_cost(config: DictConfig, world_size: int, per_device_batch: int
     t = config.trainer
     optimizer = str(OmegaConf.to_container(config.model, resolve=True).get("optimizer", "sgd")).lower()
     moments = 2 if optimizer in ADAPTIVE_OPTIMIZERS else 1
-    param_bytes, grad_bytes, opt_bytes, sync = _state_bytes(t, trainable, frozen, moments, world_size)
+    if t.strategy == "fsdp":
+        param_bytes, grad_bytes, opt_bytes, sync = _fsdp_state_bytes(t, module, moments, world_size)
+    else:
+        param_bytes, grad_bytes, opt_bytes, sync = _state_bytes(t, trainable, frozen, moments, world_size)
     return StepCost(
         trainable_params=trainable, frozen_params=frozen, param_bytes=param_bytes + buffers,
         grad_bytes=grad_bytes, optimizer_bytes=opt_bytes,
@@ -182,6 +185,50 @@ def _state_bytes(t: DictConfig, trainable: int, frozen: int, moments: int, world
         sync = [("gradient reduce_scatter", grad_bytes), ("updated weights all_gather", grad_bytes)]
     if stage >= 3:
         sync.append(("weights all_gather in forward + backward (ZeRO-3)", 2 * grad_bytes))
+    return float(params), float(grads), float(optimizer), sync
+
+
+def _fsdp_state_bytes(t: DictConfig, module, moments: int, world: int):
+    """FSDP2 (``strategies/fsdp.py``): every parameter, gradient and optimizer moment is an fp32
+    shard of 1/N (on the host under ``fsdp_cpu_offload``); on top, the units being computed
+    hold their parameters gathered (bf16 under ``bf16-mixed``) and their unsharded gradients:
+    counted here as the two largest units (the one computing and the next one prefetched) plus
+    the root, which stays gathered from forward to backward. Traffic per optimizer step: one
+    all-gather of every unit per micro-batch in forward, one more in backward for the units
+    resharded after forward (trained units but the root, under ``fsdp_reshard_after_forward``), and one
+    reduce-scatter of the fp32 gradients per optimizer step (accumulation skips it on the other
+    micro-batches)."""
+    from scale_ssl.strategies.fsdp_units import fsdp_units
+
+    fp32 = 4
+    gathered = 2 if str(t.precision) == "bf16-mixed" else fp32
+    units = fsdp_units(module)
+    counted: set[int] = set()
+    sizes = []  # (parameters owned by the unit, trained ones), innermost units first
+    for unit in units:
+        own = [p for p in unit.parameters() if id(p) not in counted]
+        counted |= {id(p) for p in own}
+        sizes.append((sum(p.numel() for p in own), sum(p.numel() for p in own if p.requires_grad)))
+    total = sum(n for n, _ in sizes)
+    trained = sum(n for _, n in sizes)
+    root_all, root_trained = sizes[-1]
+    largest = sorted((n for n, _ in sizes[:-1]), reverse=True)[:2]
+    largest_trained = sorted((n for _, n in sizes[:-1]), reverse=True)[:2]
+    on_device = 0.0 if t.fsdp_cpu_offload else 1.0
+    params = total * fp32 / world * on_device + (sum(largest) + root_all) * gathered
+    grads = trained * fp32 / world * on_device + (sum(largest_trained) + root_trained) * gathered
+    optimizer = trained * fp32 * moments / world * on_device
+    accumulate = t.accumulate_grad_batches
+    # Backward gathers only units with gradients (an EMA teacher runs forward only).
+    regather = (trained - root_trained) if t.fsdp_reshard_after_forward else 0
+    sync = [
+        (f"parameters all_gather in forward ({'bf16' if gathered == 2 else 'fp32'}, x{accumulate} micro-batches)",
+         float(total * gathered * accumulate)),
+        ("gradient reduce_scatter (fp32, once per step)", float(trained * fp32)),
+    ]
+    if regather:
+        sync.insert(1, (f"parameters all_gather in backward (x{accumulate})",
+                        float(regather * gathered * accumulate)))
     return float(params), float(grads), float(optimizer), sync
 
 

@@ -23,6 +23,11 @@ class TrainerConfig:
     offload_optimizer: bool = False
     offload_parameters: bool = False
     deepspeed_config: Optional[str] = None
+    # strategy=fsdp (FSDP2 fully_shard): free each block's gathered parameters after its forward
+    # (gather again in backward: less memory, more traffic), and keep the shards, gradients and
+    # optimizer state in CPU memory.
+    fsdp_reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
     # The global batch is the unit (design contract 1): per-device batch = global / (world x accum).
     global_batch_size: int = 256
     accumulate_grad_batches: int = 1

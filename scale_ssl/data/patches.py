@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import torch
 
-
-def _check_int(owner: str, name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
+from scale_ssl.checks import check_int
 
 
 def patch_grid_size(image_size: int, patch_size: int, patch_overlap: int, owner: str = "ImagePatches") -> int:
     """Patches per side; a clear error when ``patch_size``/``patch_overlap`` do not tile the image."""
-    _check_int(owner, "image_size", image_size, 1)
-    _check_int(owner, "patch_size", patch_size, 1)
-    _check_int(owner, "patch_overlap", patch_overlap, 0)
+    check_int(owner, "image_size", image_size, 1)
+    check_int(owner, "patch_size", patch_size, 1)
+    check_int(owner, "patch_overlap", patch_overlap, 0)
     if patch_overlap >= patch_size:
         raise ValueError(
             f"{owner}: patch_overlap={patch_overlap} must be smaller than patch_size={patch_size} "

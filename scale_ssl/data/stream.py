@@ -89,10 +89,10 @@ from typing import Any, NamedTuple
 
 import PIL.Image
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from scale_ssl.collectives import default_collective
 from scale_ssl.data.sample_fields import AUTO, MissingLabelsError, SampleFields, check_label_key
 from scale_ssl.data.shard_index import ShardIndex
 from scale_ssl.data.shard_source import (
@@ -274,8 +274,9 @@ class ShardedImageStream:
             what that returns instead of a PIL image (decode errors count as corrupt samples).
         mode: ``"exact"`` (each sample at most once per epoch) or ``"resampled"``; see the
             module docstring.
-        rank, world_size: this process's place; both default to the initialised
-            ``torch.distributed`` group, or 0 and 1 without one.
+        rank, world_size: this process's place, given by the caller; both default to the place
+            ``scale_ssl.collectives.default_collective()`` reports (the initialised process
+            group, or 0 and 1 without one), re-read until the group exists.
         num_workers: DataLoader worker processes on this rank; must be the same on every rank.
         seed: the shard order of epoch ``e`` is a shuffle by ``seed + e``; sample order and
             augmentations are seeded by (seed, epoch, rank, worker, position).
@@ -404,11 +405,11 @@ class ShardedImageStream:
         else:
             plan = ResampledShardPlan(sizes, **common)
         if plan.steps_per_epoch == 0:
-            raise ValueError(self._too_few_samples_message(plan))
+            raise ValueError(_too_few_samples_message(plan, self.index, self.batch_size, self.world_size))
         self.epoch, self.plan = epoch, plan
         self._skip = 0
         self._resume_exact = True
-        self._stats = self._fresh_stats(resumed_at=0)
+        self._stats = _fresh_stats(self.epoch, self.plan, resumed_at=0)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -502,7 +503,7 @@ class ShardedImageStream:
         changed = self._plan_changes()
         self._skip = n
         self._resume_exact = not changed
-        self._stats = self._fresh_stats(resumed_at=n)
+        self._stats = _fresh_stats(self.epoch, self.plan, resumed_at=n)
         if changed and n:
             self._stats["samples_reseen_after_resume"] = n * self.batch_size
             warnings.warn(
@@ -544,22 +545,6 @@ class ShardedImageStream:
         stats = {key: value for key, value in self._stats.items() if key not in ("bad_by_shard", "examples")}
         stats["resume_exact"] = self._resume_exact
         return stats
-
-    def _fresh_stats(self, resumed_at: int) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "steps_per_epoch": self.plan.steps_per_epoch,
-            "samples_dropped": self.plan.samples_dropped,
-            "samples_lost": 0,
-            "corrupt_skipped": 0,
-            "samples_missing": 0,
-            "samples_padded": 0,
-            "resumed_at_batch": resumed_at,
-            "resume_samples_reread": 0,
-            "samples_reseen_after_resume": 0,
-            "bad_by_shard": Counter(),
-            "examples": [],
-        }
 
     @property
     def corrupt_budget(self) -> int:
@@ -675,19 +660,38 @@ class ShardedImageStream:
                 )
             )
 
-    def _too_few_samples_message(self, plan) -> str:
-        if isinstance(plan, ResampledShardPlan):
-            return (
-                f"not one full batch per rank: {self.index.num_samples} samples with "
-                f"batch_size={self.batch_size} per rank and world_size={self.world_size} make "
-                f"{plan.steps_per_epoch} steps per epoch; lower batch_size"
-            )
+
+def _too_few_samples_message(plan, index, batch_size: int, world_size: int) -> str:
+    if isinstance(plan, ResampledShardPlan):
         return (
-            f"not one full batch per rank: {self.index.num_samples} samples in "
-            f"{self.index.num_shards} shards, batch_size={self.batch_size} per rank and "
-            f"world_size={self.world_size} need at least {self.batch_size * self.world_size} per epoch. "
-            f"Lower batch_size (trainer.global_batch_size) or add data"
+            f"not one full batch per rank: {index.num_samples} samples with "
+            f"batch_size={batch_size} per rank and world_size={world_size} make "
+            f"{plan.steps_per_epoch} steps per epoch; lower batch_size"
         )
+    return (
+        f"not one full batch per rank: {index.num_samples} samples in "
+        f"{index.num_shards} shards, batch_size={batch_size} per rank and "
+        f"world_size={world_size} need at least {batch_size * world_size} per epoch. "
+        f"Lower batch_size (trainer.global_batch_size) or add data"
+    )
+
+
+def _fresh_stats(epoch: int, plan, resumed_at: int) -> dict[str, Any]:
+    """The counters ``epoch_stats`` reports, at the start of an epoch (or of a resumed one)."""
+    return {
+        "epoch": epoch,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "samples_dropped": plan.samples_dropped,
+        "samples_lost": 0,
+        "corrupt_skipped": 0,
+        "samples_missing": 0,
+        "samples_padded": 0,
+        "resumed_at_batch": resumed_at,
+        "resume_samples_reread": 0,
+        "samples_reseen_after_resume": 0,
+        "bad_by_shard": Counter(),
+        "examples": [],
+    }
 
 
 def _corruption_message(who, epoch, bad, corrupt, missing, fraction, samples, budget, by_shard, examples) -> str:
@@ -992,9 +996,10 @@ class _EpochReader(IterableDataset):
 
 def _resolve_place(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None and world_size is None:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        # The process's place as the collectives layer knows it (the default process group, or a
+        # world of one): data never asks torch.distributed itself.
+        place = default_collective()
+        return place.rank, place.world_size
     if rank is None or world_size is None:
         raise ValueError(
             f"pass both rank and world_size or neither (to use torch.distributed), got "

@@ -10,9 +10,9 @@ from scale_ssl.eval.knn import (
     raw_pixel_features,
 )
 from scale_ssl.eval.sharded_knn import gather_rank_rows, sharded_knn_accuracy, sharded_knn_predict
-from scale_ssl.eval.eval_split import EvalSplit
+from scale_ssl.probes.eval_split import EvalSplit
 from scale_ssl.eval.knn_callback import KNNEvaluatorCallback, knn_accuracy_on_splits
-from scale_ssl.eval.online_evaluator import SSLOnlineEvaluator
+from scale_ssl.probes.online_evaluator import SSLOnlineEvaluator
 from scale_ssl.eval.classifier import EncoderClassifier
 from scale_ssl.eval.linear_probe import linear_probe
 from scale_ssl.eval.finetune import finetune

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scale_ssl.eval.online_evaluator import build_classifier_head
+from scale_ssl.probes.online_evaluator import build_classifier_head
 from scale_ssl.optim import LARS, WarmupCosineSchedule
 from scale_ssl.trainer import SSLModule
 

@@ -25,7 +25,7 @@ returns the class token: the encoder's features when it was trained with ``pool=
 The work is done on state dicts (:func:`encoder_state_dict`, :func:`export_encoder_state`), not on
 a checkpoint file, so any source of a full module state dict can be exported. ``--ckpt`` may be
 a ``.ckpt`` file or a DeepSpeed ZeRO checkpoint directory (its shards are merged into fp32 weights
-in memory by ``scale_ssl.strategies.checkpoint_reader.read_checkpoint``).
+in memory by ``scale_ssl.checkpoint.reader.read_checkpoint``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from scale_ssl.methods import METHODS
 from scale_ssl.models import RESNET_ARCHITECTURES, build_encoder, build_resnet_encoder, is_vit_arch
 from scale_ssl.models.vit import TORCHVISION_VITS
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.reader import read_checkpoint
 
 ENCODER_PREFIX = "encoder."
 # build_resnet_encoder's defaults, for checkpoints whose hyper-parameters leave some out.

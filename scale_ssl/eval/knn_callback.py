@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from scale_ssl.eval.eval_split import EvalSplit, rank_features
-from scale_ssl.eval.plots import log_accuracy_curves, log_embedding_scatter
+from scale_ssl.probes.eval_split import EvalSplit, rank_features
+from scale_ssl.probes.plots import log_accuracy_curves, log_embedding_scatter
 from scale_ssl.eval.sharded_knn import gather_rank_rows, sharded_knn_accuracy
 from scale_ssl.trainer.callback import Callback
 

@@ -29,13 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scale_ssl.checks import check_int
 from scale_ssl.collectives import Collective, default_collective
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"CPCTask: {name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class CausalRowConv(nn.Conv2d):
@@ -90,11 +85,11 @@ class CPCTask(nn.Module):
         collective: Collective | None = None,
     ):
         super().__init__()
-        _check_int("num_input_channels", num_input_channels, 1)
-        _check_int("target_dim", target_dim, 1)
-        self.steps_to_ignore = _check_int("steps_to_ignore", steps_to_ignore, 1)
-        self.steps_to_predict = _check_int("steps_to_predict", steps_to_predict, 1)
-        _check_int("context_blocks", context_blocks, 1)
+        check_int("CPCTask", "num_input_channels", num_input_channels, 1)
+        check_int("CPCTask", "target_dim", target_dim, 1)
+        self.steps_to_ignore = check_int("CPCTask", "steps_to_ignore", steps_to_ignore, 1)
+        self.steps_to_predict = check_int("CPCTask", "steps_to_predict", steps_to_predict, 1)
+        check_int("CPCTask", "context_blocks", context_blocks, 1)
         if isinstance(embed_scale, bool) or not isinstance(embed_scale, (int, float)) or embed_scale <= 0:
             raise ValueError(f"CPCTask: embed_scale must be a positive number, got {embed_scale!r}")
         self.num_input_channels = num_input_channels

@@ -22,7 +22,7 @@ from torch import nn
 
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import FeatureMapContrastiveTask
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import RESNET_ARCHITECTURES, is_vit_arch
 from scale_ssl.models.amdim_encoder import AMDIMEncoder
 from scale_ssl.models.feature_map_resnet import ResNetFeatureMaps

@@ -25,7 +25,7 @@ import torch
 from scale_ssl.data import BYOLViews
 from scale_ssl.losses import BYOLLoss
 from scale_ssl.methods.ema import cosine_tau, ema_step, frozen_copy
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.trainer import SSLModule
 

@@ -28,8 +28,9 @@ from scale_ssl.data import SimCLRViews
 from scale_ssl.data.patches import patch_grid_size
 from scale_ssl.losses import CPCTask
 from scale_ssl.methods.amdim import build_contrastive_task, drop_module_hparams
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import RESNET_ARCHITECTURES, build_resnet_encoder, is_vit_arch
+from scale_ssl.probes.online_evaluator import SSLOnlineEvaluator
 from scale_ssl.models.cpc_encoder import CPCEncoder, CPCPatchEncoder
 from scale_ssl.trainer import SSLModule
 
@@ -115,11 +116,7 @@ class CPCV2(SSLModule):
             raise TypeError(f"CPCV2: online_ft must be True or False, got {online_ft!r}")
         self.online_evaluator = None
         if online_ft:
-            # Imported here: scale_ssl.eval imports the method registry (export), so a module-level
-            # import would be circular. Not a submodule: the head never enters the method's
-            # optimizer or state dict.
-            from scale_ssl.eval.online_evaluator import SSLOnlineEvaluator
-
+            # Not a submodule: the head never enters the method's optimizer or state dict.
             self.online_evaluator = SSLOnlineEvaluator(num_classes, feature_dim=feature_dim)
 
     @staticmethod

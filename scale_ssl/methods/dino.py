@@ -46,7 +46,7 @@ import torch
 from scale_ssl.data import MultiCropViews
 from scale_ssl.losses import DINOLoss
 from scale_ssl.methods.ema import cosine_tau, ema_update_, frozen_copy
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import DINOHead, build_encoder
 from scale_ssl.trainer import SSLModule
 

@@ -36,7 +36,7 @@ from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import InfoNCEQueueLoss
 from scale_ssl.methods.ema import ema_step, frozen_copy
 from scale_ssl.methods.moco_queue import MoCoQueue
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import build_encoder
 from scale_ssl.trainer import SSLModule
 

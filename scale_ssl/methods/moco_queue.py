@@ -4,7 +4,7 @@ He et al., arXiv:1911.05722, sec. 3.2: the queue holds the keys of the last K im
 the newest keys are enqueued and the oldest dropped. Distributed, every rank enqueues the keys of
 the *global* batch (gathered from all ranks, in rank order), so every rank holds the same queue
 and the queue does not depend on the world size: a checkpoint stores it once, and a run resumes
-on any number of ranks with the same queue and pointer (DESIGN.md, contract 4).
+on any number of ranks with the same queue and pointer (docs/ARCHITECTURE.md, contract 4).
 
 The write position wraps modulo K, so a batch whose size does not divide K (a short last batch)
 enqueues fine: pl_bolts and the original code asserted ``K % batch == 0`` and crashed there

@@ -15,17 +15,15 @@ from ``gpus``/``num_nodes``/``batch_size``/``num_samples`` arguments.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import NTXentLoss
 from scale_ssl.models import ProjectionHead, build_encoder
-from scale_ssl.optim import LARS, WarmupCosineSchedule, exclude_bn_bias_groups
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.trainer import SSLModule
 
-OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 
 
 class SimCLR(SSLModule):
@@ -70,12 +68,9 @@ class SimCLR(SSLModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"SimCLR: optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS}")
-        for name, value in (("learning_rate", learning_rate), ("start_lr", start_lr), ("final_lr", final_lr),
-                            ("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"SimCLR: {name} must be a number >= 0, got {value!r}")
+        check_optimizer_name("SimCLR", optimizer)
+        check_non_negative("SimCLR", learning_rate=learning_rate, start_lr=start_lr, final_lr=final_lr,
+                           weight_decay=weight_decay, warmup_epochs=warmup_epochs)
         self.encoder, self.feature_dim = build_encoder(arch, in_channels=in_channels, first_conv=first_conv,
                                                        maxpool1=maxpool1, options=encoder_options, owner="SimCLR")
         self.projection = ProjectionHead(self.feature_dim, hidden_mlp, feat_dim)
@@ -114,25 +109,9 @@ class SimCLR(SSLModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if hp["exclude_bn_bias"]:
-            params = exclude_bn_bias_groups(self.named_parameters(), hp["weight_decay"])
-        else:
-            params = [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": hp["weight_decay"]}]
-        name, lr = hp["optimizer"], hp["learning_rate"]
-        if name == "lars":
-            optimizer = LARS(params, lr=lr, momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-        elif name == "sgd":
-            optimizer = torch.optim.SGD(params, lr=lr, momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-        elif name == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=hp["weight_decay"])
-        else:
-            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=hp["weight_decay"])
-
-        total = self.trainer.estimated_stepping_batches
-        warmup = hp["warmup_steps"]
-        if warmup is None:
-            per_epoch = self.trainer.steps_per_epoch or 0
-            warmup = int(math.floor(hp["warmup_epochs"] * per_epoch))
-        warmup = min(warmup, total)
-        scheduler = WarmupCosineSchedule(optimizer, warmup, total, start_lr=hp["start_lr"], final_lr=hp["final_lr"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+        return warmup_cosine_optimizer(
+            self, self.named_parameters(), optimizer=hp["optimizer"], learning_rate=hp["learning_rate"],
+            weight_decay=hp["weight_decay"], momentum=hp["momentum"], exclude_bn_bias=hp["exclude_bn_bias"],
+            warmup_epochs=hp["warmup_epochs"], warmup_steps=hp["warmup_steps"], start_lr=hp["start_lr"],
+            final_lr=hp["final_lr"],
+        )

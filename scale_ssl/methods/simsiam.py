@@ -21,7 +21,7 @@ import torch
 
 from scale_ssl.data import SimCLRViews
 from scale_ssl.losses import NegativeCosineLoss
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.optim import exclude_bn_bias_groups
 from scale_ssl.trainer import SSLModule

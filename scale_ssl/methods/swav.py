@@ -38,7 +38,7 @@ from torch import nn
 
 from scale_ssl.data import MultiCropViews
 from scale_ssl.losses import SwAVLoss
-from scale_ssl.methods.optim_recipe import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
+from scale_ssl.optim.method_optimizer import check_non_negative, check_optimizer_name, warmup_cosine_optimizer
 from scale_ssl.methods.swav_queue import SwAVQueue
 from scale_ssl.models import ProjectionHead, build_encoder
 from scale_ssl.trainer import SSLModule

@@ -15,7 +15,7 @@ would hold. Gathering (``logical_state``) interleaves the shards into that order
 (``load_logical_state``) slices each block by rank. So a queue saved at world size 2 resumes at
 world size 4 (or 1, or with another per-device batch) with the same logical content, and at an
 unchanged world size every rank gets back exactly its own rows. The design contract this keeps:
-queues are checkpointed, logical, global state (DESIGN.md, contract 4).
+queues are checkpointed, logical, global state (docs/ARCHITECTURE.md, contract 4).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scale_ssl.checks import check_int
 from scale_ssl.models.adaptive_pool import adaptive_avg_pool2d
 
 MAP_SIZES = (1, 5, 7)
@@ -38,6 +39,8 @@ def _norm(channels: int, use_bn: bool) -> nn.Module:
 class ResidualConvBlock(nn.Module):
     """relu(norm(conv_k(x))) -> 1x1 conv, plus a shortcut: average-pooled to the output size and
     1x1-projected when the channels change."""
+
+    is_shard_block = True  # a unit of peak memory for sharding backends (strategies/fsdp_units.py)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, use_bn: bool):
         super().__init__()
@@ -64,11 +67,6 @@ class EmbeddingHead(nn.Module):
         return self.linear(x) + self.hidden(x)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"AMDIMEncoder: {name} must be an int >= {minimum}, got {value!r}")
-
-
 class AMDIMEncoder(nn.Module):
     """See the module docstring. ``feature_dim`` is the width of ``encoder(x)``; ``map_sizes``
     the sides of ``feature_maps(x)`` in order."""
@@ -83,11 +81,11 @@ class AMDIMEncoder(nn.Module):
         use_bn: bool = False,
     ):
         super().__init__()
-        _check_int("image_channels", image_channels, 1)
-        _check_int("encoder_feature_dim", encoder_feature_dim, 1)
-        _check_int("embedding_fx_dim", embedding_fx_dim, 1)
-        _check_int("conv_block_depth", conv_block_depth, 0)
-        _check_int("image_height", image_height, 1)
+        check_int("AMDIMEncoder", "image_channels", image_channels, 1)
+        check_int("AMDIMEncoder", "encoder_feature_dim", encoder_feature_dim, 1)
+        check_int("AMDIMEncoder", "embedding_fx_dim", embedding_fx_dim, 1)
+        check_int("AMDIMEncoder", "conv_block_depth", conv_block_depth, 0)
+        check_int("AMDIMEncoder", "image_height", image_height, 1)
         if image_height < MIN_IMAGE_SIZE:
             raise ValueError(
                 f"AMDIMEncoder: image_height={image_height} is too small: the 7x7 map needs images of at least "

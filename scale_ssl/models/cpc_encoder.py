@@ -24,6 +24,8 @@ from scale_ssl.models.adaptive_pool import adaptive_avg_pool2d
 
 
 class _PatchResBlock(nn.Module):
+    is_shard_block = True  # a unit of peak memory for sharding backends (strategies/fsdp_units.py)
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)

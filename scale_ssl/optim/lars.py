@@ -25,6 +25,13 @@ partition (``use_flat_shards``; the DeepSpeed strategy does it), LARS sums the s
 p and of g + wd * p per *original* parameter over its pieces, all-reduces those sums over the
 ranks, and scales each piece by its parameter's trust ratio: the same update as one process with
 unsharded parameters (up to float summation order), not one trust ratio per partition.
+
+Sharded (FSDP2): there every parameter is a ``DTensor`` whose rank-local shard is a slice of
+its rows. Told how to sum over the ranks (``use_sharded_tensors``; the FSDP strategy does it),
+LARS sums the squared norms of every local shard of a parameter group, all-reduces them once
+per group, and scales each shard by its parameter's trust ratio: the same full-layer norms as
+above, and the momentum buffer stays a ``DTensor`` sharded like its parameter (so sharded
+checkpoints re-shard it on load).
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ class LARS(Optimizer):
         self.exclude_from_adaptation = exclude_from_adaptation
         self._flat_layouts: dict[int, FlatShardLayout] | None = None
         self._all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._tensor_shards_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov, lars_adaptation=True
         )
@@ -108,8 +116,14 @@ class LARS(Optimizer):
         self._flat_layouts = dict(layouts)
         self._all_reduce_sum = all_reduce_sum
 
+    def use_sharded_tensors(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Step ``DTensor`` parameters sharded over ranks (FSDP2): trust ratios from the norms of
+        whole parameters, the squared norms of local shards summed by ``all_reduce_sum``."""
+        self._tensor_shards_sum = all_reduce_sum
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_tensor_shards_sum", None)
         self.__dict__.setdefault("exclude_from_adaptation", None)
         self.__dict__.setdefault("_flat_layouts", None)
         self.__dict__.setdefault("_all_reduce_sum", None)
@@ -126,6 +140,9 @@ class LARS(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
+            if self._tensor_shards_sum is not None:
+                self._step_sharded_tensors(group)
+                continue
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
@@ -147,6 +164,44 @@ class LARS(Optimizer):
                     update = update.add(buffer, alpha=momentum) if group["nesterov"] else buffer
                 p.add_(update, alpha=-lr)
         return loss
+
+    def _step_sharded_tensors(self, group: dict) -> None:
+        """One group's step on DTensor shards (see the module docstring): one all-reduce of the
+        [2, parameters] squared norms, then the update of each local shard."""
+        lr, momentum, weight_decay, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("LARS: sparse gradients are not supported; use dense embeddings")
+        local = [_local(p) for p in params]
+        excluded = [self._excluded(p) for p in params]
+        updates = [(_local(p.grad).add(w, alpha=weight_decay) if weight_decay != 0 and not ex else _local(p.grad).clone())
+                   for p, w, ex in zip(params, local, excluded)]
+        if group["lars_adaptation"]:
+            squares = torch.stack([torch.stack([w.float().square().sum(), u.float().square().sum()])
+                                   for w, u in zip(local, updates)], dim=1)
+            sharded = torch.tensor([_is_sharded(p) for p in params], device=squares.device)
+            # Whole (unsharded) parameters are the same on every rank: counted once, not world times.
+            summed = self._tensor_shards_sum(torch.where(sharded, squares, torch.zeros_like(squares)))
+            param_norm, update_norm = torch.where(sharded, summed, squares).sqrt()
+            trust = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
+                                torch.ones_like(param_norm))
+            trust[torch.tensor(excluded, device=trust.device, dtype=torch.bool)] = 1.0
+            for i, update in enumerate(updates):
+                update.mul_(trust[i].to(update.dtype))
+        for p, w, update in zip(params, local, updates):
+            if momentum != 0:
+                state = self.state[p]
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = torch.zeros_like(p)  # sharded like p
+                    _local(buffer).copy_(update)
+                else:
+                    _local(buffer).mul_(momentum).add_(update)
+                update = update.add(_local(buffer), alpha=momentum) if group["nesterov"] else _local(buffer)
+            w.add_(update, alpha=-lr)
 
     def _excluded(self, p) -> bool:
         return self.exclude_from_adaptation is not None and bool(self.exclude_from_adaptation(p))
@@ -205,6 +260,15 @@ class LARS(Optimizer):
         for owner, start, length in layout.pieces:
             update.narrow(0, start, length).mul_(trust[owner].to(update.dtype))
         return update
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's rank-local shard (shares its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return any(placement.is_shard() for placement in getattr(t, "placements", ()))
 
 
 def _validate_group(group: dict, index: int) -> None:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from scale_ssl.collectives import Collective
-from scale_ssl.strategies.checkpoint_io import load_checkpoint_file, save_checkpoint_file
+from scale_ssl.checkpoint.files import load_checkpoint_file, save_checkpoint_file
+from scale_ssl.strategies.step_settings import StepSettings
 
 
 class Strategy(ABC):
@@ -32,6 +33,12 @@ class Strategy(ABC):
         if accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"trainer.accelerator={accelerator!r} is not supported; use 'auto', 'cpu' or 'cuda'")
         self.accelerator = accelerator
+        self.step_settings = StepSettings()
+
+    def configure_step(self, settings: StepSettings) -> None:
+        """The loop's precision, accumulation and clipping, given before ``setup_module`` (an
+        engine that steps the optimizer itself is built from them; others ignore them)."""
+        self.step_settings = settings
 
     # -- world -----------------------------------------------------------------------------
     @abstractmethod

@@ -29,10 +29,8 @@ import contextlib
 import datetime
 import gc
 import os
-import re
 import sys
 import traceback
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,74 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scale_ssl.collectives import Collective, TorchDistributedCollective
 from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
+from scale_ssl.runtime import ClusterEnvironment
 from scale_ssl.strategies.base import Strategy
-
-
-class LaunchError(RuntimeError):
-    """The process was not started the way the strategy needs (e.g. ddp without torchrun)."""
-
-
-class CollectiveFailure(RuntimeError):
-    """A collective failed on this rank because a peer died or stalled past the timeout; the
-    message names this rank and the step. The process exits non-zero so the elastic agent
-    (``torchrun --max-restarts``) restarts the group from the last checkpoint."""
-
-
-# What gloo/nccl/the TCP store say when a peer is gone or silent (their errors are plain
-# RuntimeErrors in several torch versions, so the message is the only reliable signal).
-_PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout",
-                         "broken pipe", "nccl", "gloo", "socket", "watchdog")
-
-
-def is_collective_failure(err: BaseException) -> bool:
-    """Whether ``err`` is a failed/timed-out collective (as opposed to a bug in the step)."""
-    if isinstance(err, CollectiveFailure):
-        return False  # already explained
-    dist_error = getattr(dist, "DistError", None)
-    if dist_error is not None and isinstance(err, dist_error):
-        return True
-    if type(err) is not RuntimeError:
-        return False
-    text = str(err).lower()
-    return any(marker in text for marker in _PEER_FAILURE_MARKERS)
-
-
-@dataclass(frozen=True)
-class ClusterEnvironment:
-    """Where this process sits in the job, as told by the launcher."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    source: str
-
-    @staticmethod
-    def detect() -> "ClusterEnvironment":
-        env = os.environ
-        if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, deepspeed
-            return ClusterEnvironment(
-                rank=int(env["RANK"]),
-                world_size=int(env["WORLD_SIZE"]),
-                local_rank=int(env.get("LOCAL_RANK", 0)),
-                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                master_port=int(env.get("MASTER_PORT", 29500)),
-                source="torchrun",
-            )
-        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # one srun task per process
-            return ClusterEnvironment(
-                rank=int(env["SLURM_PROCID"]),
-                world_size=int(env["SLURM_NTASKS"]),
-                local_rank=int(env.get("SLURM_LOCALID", 0)),
-                master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                master_port=int(env.get("MASTER_PORT", 29500)),
-                source="slurm",
-            )
-        raise LaunchError(
-            "trainer.strategy=ddp needs a launcher that sets RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS): "
-            "run `torchrun --nproc_per_node N -m scale_ssl fit ...`, or use trainer.strategy=single"
-        )
 
 
 def _restart_scoped_store(env: ClusterEnvironment, timeout: datetime.timedelta):
@@ -121,15 +53,6 @@ def _restart_scoped_store(env: ClusterEnvironment, timeout: datetime.timedelta):
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     agent_store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
     return dist.PrefixStore(f"scale_ssl/restart_{restart}", agent_store)
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as ``gpu[003-006,010],cpu01`` -> ``gpu003``."""
-    first = nodelist.split(",")[0]
-    match = re.match(r"^([^\[]+)\[([0-9]+)", nodelist)
-    if match:
-        return match.group(1) + match.group(2)
-    return first
 
 
 class DDPStrategy(Strategy):

@@ -42,7 +42,13 @@ import torch
 from torch import nn
 
 from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
-from scale_ssl.strategies.checkpoint_io import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file, weights_only_loads
+from scale_ssl.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    DirectoryReader,
+    register_directory_reader,
+    save_checkpoint_file,
+    weights_only_loads,
+)
 from scale_ssl.strategies.ddp import DDPStrategy
 from scale_ssl.strategies.zero_masters import ZeroMasterWeights
 
@@ -80,7 +86,6 @@ class DeepSpeedStrategy(DDPStrategy):
         self.user_config = _read_config(config)
         self.micro_batch_size = micro_batch_size
         self.engine = None
-        self.trainer = None
         self.bf16 = False
         self.masters: ZeroMasterWeights | None = None
         self._ema_params: dict[str, nn.Parameter] = {}
@@ -130,13 +135,16 @@ class DeepSpeedStrategy(DDPStrategy):
         self.masters.configure_lars()
         self.masters.keep_fp32([self._ema_params[n] for n in ema_fp32], list(ema_fp32.values()))
 
-    def build_config(self) -> dict:
-        """Our settings as a DeepSpeed config, merged with (and checked against) the user's."""
-        trainer = self.trainer
-        precision = str(trainer.precision_name) if trainer is not None else "32"
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        clip = trainer.gradient_clip_val if trainer is not None else None
-        if trainer is not None and trainer.gradient_clip_val is not None and trainer.gradient_clip_algorithm != "norm":
+    def build_config(self, world_size: int | None = None) -> dict:
+        """Our settings (``step_settings``, the micro-batch, the world) as a DeepSpeed config,
+        merged with (and checked against) the user's. ``world_size``: the world to plan for
+        before the process group exists (the CLI checking a config before launch); after
+        set-up the group's."""
+        settings = self.step_settings
+        precision = str(settings.precision)
+        accumulate = settings.accumulate_grad_batches
+        clip = settings.gradient_clip_val
+        if clip is not None and settings.gradient_clip_algorithm != "norm":
             raise ValueError("strategy=deepspeed clips by global norm only: set trainer.gradient_clip_algorithm=norm")
         if precision == "16-mixed" and not torch.cuda.is_available():
             raise ValueError(
@@ -144,8 +152,12 @@ class DeepSpeedStrategy(DDPStrategy):
                 "no fp16; use 'bf16-mixed' or '32'"
             )
         micro = self.micro_batch_size or 1
-        # Before set-up (checking a config) the launcher's WORLD_SIZE is the world to plan for.
-        world = self._collective.world_size if self._collective is not None else int(os.environ.get("WORLD_SIZE", 1))
+        if self._collective is not None:
+            world = self._collective.world_size
+        elif world_size is not None:
+            world = world_size
+        else:  # before set-up, without a world given: the launcher's
+            world = int(os.environ.get("WORLD_SIZE", 1))
         ours: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": accumulate,
@@ -233,7 +245,7 @@ class DeepSpeedStrategy(DDPStrategy):
                 f"strategy=deepspeed resumes from a DeepSpeed checkpoint directory; {path!r} is not one "
                 "(a plain .ckpt file can be loaded with trainer.strategy=single/ddp)"
             )
-        with weights_only_loads(deepspeed_checkpoint_types()):  # as every checkpoint read (checkpoint_io.py)
+        with weights_only_loads(deepspeed_checkpoint_types()):  # as every checkpoint read (checkpoint/files.py)
             _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
         if client is None:
@@ -286,7 +298,7 @@ def read_deepspeed_checkpoint(checkpoint_dir: str) -> dict:
     model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))
     if not model_states:
         raise ValueError(f"DeepSpeed checkpoint {checkpoint_dir!r} has no *model_states.pt in {CHECKPOINT_TAG}/: it is incomplete")
-    # Every file, DeepSpeed's shards included, is read with weights_only=True (checkpoint_io.py).
+    # Every file, DeepSpeed's shards included, is read with weights_only=True (checkpoint/files.py).
     try:
         with weights_only_loads(deepspeed_checkpoint_types()):
             weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
@@ -304,6 +316,28 @@ def read_deepspeed_checkpoint(checkpoint_dir: str) -> dict:
     ours.update({"format_version": CHECKPOINT_FORMAT_VERSION, "state_dict": state_dict, "optimizer_states": [],
                  "lr_scheduler_states": []})
     return ours
+
+
+def _read_registered(checkpoint_dir: str) -> dict:
+    """The reader registered with ``scale_ssl.checkpoint``: DeepSpeed itself is needed to merge
+    the ZeRO shards, so its absence is said here, with the way out."""
+    try:
+        import deepspeed  # noqa: F401  (the shards are merged with DeepSpeed's own reader)
+    except ImportError as err:
+        raise ValueError(
+            f"checkpoint {checkpoint_dir!r} is a DeepSpeed checkpoint directory and DeepSpeed is not installed here; "
+            "install it (pip install deepspeed) or consolidate the checkpoint where it is "
+            "(scale_ssl.strategies.deepspeed.consolidate_checkpoint)"
+        ) from err
+    return read_deepspeed_checkpoint(checkpoint_dir)
+
+
+register_directory_reader(DirectoryReader(
+    name="deepspeed",
+    recognises=lambda path: os.path.isdir(os.path.join(path, CHECKPOINT_TAG)),
+    read=_read_registered,
+    describe=f"DeepSpeed (a {CHECKPOINT_TAG}/ directory of ZeRO shards inside)",
+))
 
 
 def consolidate_checkpoint(checkpoint_dir: str, out_path: str) -> str:

@@ -34,8 +34,8 @@ from torch import nn
 from scale_ssl.collectives import Collective
 from scale_ssl.collectives.global_batchnorm import convert_to_global_batchnorm
 from scale_ssl.strategies.base import Strategy
-from scale_ssl.strategies.checkpoint_io import save_checkpoint_file
-from scale_ssl.strategies.ddp import LaunchError
+from scale_ssl.checkpoint.files import save_checkpoint_file
+from scale_ssl.runtime import LaunchError
 
 ACCELERATORS = ("auto", "tpu", "cpu")
 
@@ -137,8 +137,9 @@ class XLAStrategy(Strategy):
 
         Not in the one-process emulation of several XLA:CPU devices (``PJRT_DEVICE=CPU`` with
         device threads, used only by tests): there a transfer thread that waits on a device busy
-        in a collective holds the GIL the other device threads need to join that collective (see
-        tests/xla/sync_shim.py), so batches are moved in the step instead, as by every strategy.
+        in a collective holds the GIL the other device threads need to join that collective (torch_xla
+        2.9 runs such devices as threads of one process; ``tests/xla/sync_shim.py``), so batches are
+        moved in the step instead, as by every strategy.
         """
         if not self.device_loader_enabled:
             return loader

@@ -8,7 +8,7 @@ Rules this logger keeps, and why:
   first call that needs them, so building a trainer (or a logger on a rank that never logs) is
   cheap and works without a reachable server.
 * **Resume continues the same run.** ``MLflowLogger(run_id=...)`` appends to an existing run
-  instead of opening a new one (DESIGN.md, contract 6). Re-logging the hyperparameters of the
+  instead of opening a new one (docs/ARCHITECTURE.md, contract 6). Re-logging the hyperparameters of the
   resumed run is harmless; a changed value is kept as a tag, because MLflow refuses to overwrite
   a param and a tracking quirk must not kill a week-long job.
 * **Local runs stay in one folder.** Without a tracking URI the store is
@@ -44,11 +44,12 @@ from typing import Any
 
 import torch
 
+from scale_ssl.tracking.curve_plot import curve_figure
 from scale_ssl.tracking.flatten import flatten_dict
+from scale_ssl.tracking.mlflow_store import artifact_location, existing_run, experiment_id, sqlite_file
+from scale_ssl.tracking.run_params import CHANGED_PARAM_TAG_PREFIX, TRUNCATED_PARAMS_TAG, ParamLedger  # noqa: F401  (re-exported)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-TRUNCATED_PARAMS_TAG = "scale_ssl.truncated_params"
-CHANGED_PARAM_TAG_PREFIX = "scale_ssl.changed_param."
 _DICT_ARTIFACT_EXTENSIONS = (".json", ".yaml", ".yml")
 
 
@@ -111,10 +112,7 @@ class MLflowLogger:
         self._client = None
         self._run_id: str | None = None
         self._finalized = False
-        # Params as MLflow holds them for this run; loaded once, then kept in step locally.
-        self._logged_params: dict[str, str] | None = None
-        self._truncated_params: set[str] = set()
-        self._warned_changed_params: set[str] = set()
+        self._params = ParamLedger()
         # Every metric value logged by this process, for plots: key -> [(step, value), ...].
         self._history: dict[str, list[tuple[int, float]]] = {}
         if not isinstance(max_buffered_metrics, int) or max_buffered_metrics < 1:
@@ -224,31 +222,10 @@ class MLflowLogger:
             self._log_params(flat, truncated)
 
     def _log_params(self, flat: dict[str, str], truncated: set[str]) -> None:
-        from mlflow.entities import Param, RunTag
-        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
-
         run_id = self._ensure_run()
-        if self._logged_params is None:
-            self._logged_params = dict(self._client.get_run(run_id).data.params)
-        new = {key: value for key, value in flat.items() if key not in self._logged_params}
-        changed = {
-            key: value
-            for key, value in flat.items()
-            if key in self._logged_params and self._logged_params[key] != value
-        }
-
-        tags = [
-            RunTag(CHANGED_PARAM_TAG_PREFIX + key, value[:MAX_TAG_VAL_LENGTH])
-            for key, value in changed.items()
-        ]
-        if truncated - self._truncated_params:
-            self._truncated_params |= truncated
-            listing = ", ".join(sorted(self._truncated_params))
-            tags.append(RunTag(TRUNCATED_PARAMS_TAG, listing[:MAX_TAG_VAL_LENGTH]))
-        self._warn_changed_params(changed)
-
-        self._log_batch(params=[Param(key, value) for key, value in new.items()], tags=tags)
-        self._logged_params.update(new)
+        params, tags, new = self._params.to_send(flat, truncated, lambda: self._client.get_run(run_id).data.params, run_id)
+        self._log_batch(params=params, tags=tags)
+        self._params.record(new)
 
     def log_metrics(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
         """Log scalar metrics at ``step``. Tensors must hold one element (converted with
@@ -402,6 +379,17 @@ class MLflowLogger:
         with self._tolerating_outage("the metric plot"):
             self._plot_curves(keys, artifact_file)
 
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` pairs of metric ``key`` in this run, sorted by step: what MLflow holds
+        for a continued run (``run_id`` given), merged with this process's own values. Empty on
+        other ranks and while the server is unreachable."""
+        if self.rank != 0:
+            return []
+        with self._tolerating_outage("the metric history"):
+            self._ensure_run()
+            return self._metric_series(key)
+        return []
+
     def _plot_curves(self, keys: Sequence[str], artifact_file: str) -> None:
         self._ensure_run()
         series = {key: self._metric_series(key) for key in keys}
@@ -415,20 +403,7 @@ class MLflowLogger:
         if not series:
             return
 
-        # Figure + FigureCanvasAgg rather than pyplot: no global figure state, no GUI backend.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(7, 4), dpi=100, layout="tight")
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        for key, points in series.items():
-            steps, values = zip(*points, strict=True)
-            axes.plot(steps, values, label=key, linewidth=1.2)
-        axes.set_xlabel("step")
-        axes.set_ylabel("value")
-        axes.grid(alpha=0.3)
-        axes.legend()
+        figure = curve_figure(series)
         self._client.log_figure(self._run_id, figure, artifact_file)
 
     # ------------------------------------------------------------------ internals
@@ -437,7 +412,7 @@ class MLflowLogger:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            sqlite_path = _sqlite_file(self.tracking_uri)
+            sqlite_path = sqlite_file(self.tracking_uri)
             if sqlite_path is not None:
                 # sqlite creates the file but not its folder.
                 Path(sqlite_path).parent.mkdir(parents=True, exist_ok=True)
@@ -449,11 +424,12 @@ class MLflowLogger:
             return self._run_id
         client = self._connect()
         if self._resume_run_id is None:
-            run = client.create_run(self._experiment_id(), run_name=self.run_name, tags=self.tags)
+            experiment = experiment_id(client, self.experiment_name, artifact_location(self.tracking_uri, self.default_root_dir))
+            run = client.create_run(experiment, run_name=self.run_name, tags=self.tags)
             self._run_id = run.info.run_id
             return self._run_id
 
-        run = self._existing_run(self._resume_run_id)
+        run = existing_run(client, self.tracking_uri, self._resume_run_id)
         self._run_id = run.info.run_id
         if run.info.status != "RUNNING":
             client.update_run(self._run_id, status="RUNNING")
@@ -462,53 +438,6 @@ class MLflowLogger:
 
             self._log_batch(tags=[RunTag(key, value) for key, value in self.tags.items()])
         return self._run_id
-
-    def _existing_run(self, run_id: str):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self._client.get_run(run_id)
-        except MlflowException as error:
-            raise ValueError(
-                f"MLflowLogger: run_id={run_id!r} was not found in the tracking store "
-                f"{self.tracking_uri!r} ({error.message}); check the id and tracking_uri, or pass "
-                f"run_id=None to start a new run"
-            ) from error
-        if run.info.lifecycle_stage == "deleted":
-            raise ValueError(
-                f"MLflowLogger: run_id={run_id!r} is deleted; restore it with "
-                f"MlflowClient({self.tracking_uri!r}).restore_run({run_id!r}) or pass run_id=None"
-            )
-        return run
-
-    def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        experiment = self._client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            try:
-                return self._client.create_experiment(
-                    self.experiment_name, artifact_location=self._artifact_location()
-                )
-            except MlflowException as error:
-                # Another job may have created it between our lookup and create.
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = self._client.get_experiment_by_name(self.experiment_name)
-        if experiment.lifecycle_stage == "deleted":
-            raise ValueError(
-                f"MLflowLogger: experiment_name={self.experiment_name!r} is a deleted experiment; "
-                f"restore it (MlflowClient().restore_experiment({experiment.experiment_id!r})) or "
-                f"choose another experiment_name"
-            )
-        return experiment.experiment_id
-
-    def _artifact_location(self) -> str | None:
-        # Only a local sqlite store needs one: a tracking server has its own artifact root, and a
-        # shared database's runs must not point at one machine's disk.
-        if _sqlite_file(self.tracking_uri) is None:
-            return None
-        return (self.default_root_dir / "mlartifacts").as_uri()
 
     def _log_batch(
         self, metrics: Sequence = (), params: Sequence = (), tags: Sequence = ()
@@ -522,18 +451,6 @@ class MLflowLogger:
             self._client.log_batch(run_id, tags=chunk)
         for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
             self._client.log_batch(run_id, metrics=chunk)
-
-    def _warn_changed_params(self, changed: Mapping[str, str]) -> None:
-        unwarned = sorted(set(changed) - self._warned_changed_params)
-        if not unwarned:
-            return
-        self._warned_changed_params.update(unwarned)
-        warnings.warn(
-            f"MLflowLogger: run {self._run_id} already has different values for params {unwarned}; "
-            f"MLflow params cannot change, so the new values are recorded as tags "
-            f"'{CHANGED_PARAM_TAG_PREFIX}<key>'",
-            stacklevel=3,
-        )
 
     def _metric_series(self, key: str) -> list[tuple[int, float]]:
         by_step: dict[int, float] = {}
@@ -668,15 +585,6 @@ _URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@"
 def redact_credentials(text: str) -> str:
     """``scheme://user:secret@host/...`` -> ``scheme://***@host/...`` (for params, artifacts, logs)."""
     return _URI_CREDENTIALS.sub(r"\g<scheme>***@", text)
-
-
-def _sqlite_file(tracking_uri: str) -> str | None:
-    """The database path of a ``sqlite:///path`` URI, else ``None``."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    path = tracking_uri[len(prefix) :].split("?", 1)[0]
-    return None if path in ("", ":memory:") else path
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -24,7 +24,7 @@ class WrappedOptimizer:
         return self._optimizer
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs):
-        return self._trainer._manual_optimizer_step(self, closure, **kwargs)
+        return self._trainer.manual_optimizer_step(self, closure, **kwargs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.zero_grad(set_to_none=set_to_none)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from scale_ssl.collectives import Collective, default_collective
-from scale_ssl.strategies.checkpoint_reader import read_checkpoint
+from scale_ssl.checkpoint.reader import read_checkpoint
 from scale_ssl.trainer.metrics import LoggedMetrics, LogOptions
 
 
@@ -208,19 +208,19 @@ class SSLModule(nn.Module):
         if self.trainer is None:
             loss.backward(*args, **kwargs)
             return
-        self.trainer._manual_backward(loss, *args, **kwargs)
+        self.trainer.manual_backward(loss, *args, **kwargs)
 
     def toggle_optimizer(self, optimizer) -> None:
         """Only ``optimizer``'s parameters require grad until ``untoggle_optimizer``."""
-        self.trainer._toggle.toggle(self, self.trainer.optimizers, self.trainer._optimizer_index(optimizer))
+        self.trainer.toggle_optimizer(self, optimizer)
 
     def untoggle_optimizer(self, optimizer=None) -> None:
-        self.trainer._toggle.untoggle(self)
+        self.trainer.untoggle_optimizer(self)
 
     def clip_gradients(self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
         if gradient_clip_val is None:
             return
-        self.trainer._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.trainer.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- data ------------------------------------------------------------------------------
     @classmethod

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from scale_ssl.strategies.checkpoint_io import save_checkpoint_file
+from scale_ssl.checkpoint.files import save_checkpoint_file
 
 if __name__ == "__main__":
     path, megabytes = sys.argv[1], int(sys.argv[2])

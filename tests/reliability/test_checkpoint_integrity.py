@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from scale_ssl.strategies.checkpoint_io import (
+from scale_ssl.checkpoint.files import (
     CHECKPOINT_FORMAT_VERSION,
     CorruptCheckpointError,
     load_checkpoint_file,

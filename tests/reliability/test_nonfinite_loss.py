@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scale_ssl.strategies.checkpoint_io import load_checkpoint_file
+from scale_ssl.checkpoint.files import load_checkpoint_file
 from scale_ssl.trainer import Trainer
-from scale_ssl.trainer.trainer import NonFiniteLossError
+from scale_ssl.trainer.nonfinite_guard import NonFiniteLossError
 from tests.distributed import run_on_ranks
 from tests.reliability._modules import FaultyRegressor, regression_batches
 

@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 # How often a run whose device process died abruptly, before any replica wrote a result, is
-# started again. On 2 shared cores the threads-as-devices emulation (tests/xla/sync_shim.py) loses
+# started again. On 2 shared cores the threads-as-devices emulation (several XLA:CPU devices as
+# threads of one process, with the test-only sync shim of ``sync_shim.py``) loses
 # its process without a message about once in 10-30 runs (seen in CI and reproduced here, 1/12),
 # before our code has produced anything to compare. A replica that *finishes* with a wrong
 # result, raises, or hangs is never retried.

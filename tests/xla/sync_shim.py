@@ -2,7 +2,8 @@
 
 Never import this from the package. On a TPU pod every process owns its chips and none of this
 applies; it exists because torch_xla 2.9 runs XLA:CPU replicas as threads of one process, and
-there out of the box every collective hangs (pytorch/xla#9089):
+there out of the box every collective hangs and XLA aborts the process after 10 s ("Expected 2
+threads to join the rendezvous, but only 1 of them arrived"; pytorch/xla#9089). Found here:
 
 1. each thread compiles the step separately, and XLA:CPU then gives each copy's collective its
    own op id, so the replicas never meet in the rendezvous;

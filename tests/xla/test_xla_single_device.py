@@ -165,7 +165,7 @@ class _NaNAtStep(Callback):
 def test_nonfinite_loss_on_xla_is_caught_at_the_log_interval_without_splitting_the_step():
     """On XLA the NaN flag stays on the device (no host read mid-step) and is read where metrics
     are: the run stops there with the steps named; 'skip' is refused."""
-    from scale_ssl.trainer.trainer import NonFiniteLossError
+    from scale_ssl.trainer.nonfinite_guard import NonFiniteLossError
     from tests.xla.models import TinyContrastiveModule
 
     g = torch.Generator().manual_seed(1)
@@ -192,7 +192,7 @@ class _StepsSeen(Callback):
 def test_online_evaluator_on_unlabelled_batches_on_xla_stops_at_the_log_interval():
     """On XLA the online evaluator counts label -1 on the device (no host read per step) and the
     run stops with the clear error where the accuracy counts are read: the logging interval."""
-    from scale_ssl.eval.online_evaluator import SSLOnlineEvaluator
+    from scale_ssl.probes.online_evaluator import SSLOnlineEvaluator
     from tests.xla.models import TinyContrastiveModule
 
     g = torch.Generator().manual_seed(1)

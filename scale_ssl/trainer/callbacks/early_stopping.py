@@ -49,7 +49,7 @@ class EarlyStopping(Callback):
     def _on_train_epoch_end(self, trainer) -> bool:
         if self.check_on_train_epoch_end is not None:
             return self.check_on_train_epoch_end
-        return not trainer._has_validation(trainer.module)
+        return not trainer.has_validation(trainer.module)
 
     def _check(self, trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:

@@ -100,3 +100,76 @@ def log_embedding_scatter(logger, features: torch.Tensor, labels: torch.Tensor, 
     if logger is None or features.shape[0] < 2:
         return
     _upload(logger, embedding_scatter_figure(features, labels, class_names, title), artifact_file)
+
+
+def embedding_pair_figure(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor]], class_names: Sequence[str] | None = None,
+                          max_points: int = MAX_SCATTER_POINTS):  # fmt: skip
+    """Side-by-side PCA scatters, one per ``(title, features, labels)`` panel (e.g. the encoder's
+    test features next to the raw pixels'), coloured by label with one shared legend. Each panel
+    is projected on its own first two principal components."""
+    from matplotlib import colormaps
+
+    figure = _new_figure((5.2 * len(panels) + 1.6, 5.0))
+    all_labels = set()
+    for index, (title, features, labels) in enumerate(panels):
+        coordinates = pca_2d(features.detach().cpu())
+        labels = labels.detach().cpu().long()
+        keep = torch.linspace(0, len(labels) - 1, min(max_points, len(labels))).long()
+        colours = colormaps["tab10" if int(labels.max()) < 10 else "tab20"]
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for label in sorted(set(labels[keep].tolist())):
+            rows = keep[labels[keep] == label]
+            name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
+            axes.scatter(coordinates[rows, 0], coordinates[rows, 1], s=3, alpha=0.5, color=colours(label % colours.N),
+                         label=None if label in all_labels else name)  # fmt: skip
+            all_labels.add(label)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("PC 1")
+        axes.set_ylabel("PC 2")
+    figure.legend(markerscale=4, fontsize=8, loc="outside right center")
+    return figure
+
+
+def score_bars_figure(scores: Mapping[str, Mapping[str, float]], title: str = ""):
+    """Grouped bars: for each measure (e.g. ``kNN top-1``) one bar per representation, accuracies
+    in [0, 1] drawn in %, each bar labelled with its value. ``scores``: representation -> measure
+    -> accuracy."""
+    figure = _new_figure((7, 4))
+    axes = figure.add_subplot()
+    names = list(scores)
+    measures = list(dict.fromkeys(m for values in scores.values() for m in values))
+    width = 0.8 / max(len(names), 1)
+    lowest = min((v for values in scores.values() for v in values.values()), default=0.0)
+    for offset, name in enumerate(names):
+        xs = [i + (offset - (len(names) - 1) / 2) * width for i in range(len(measures))]
+        values = [100 * scores[name].get(m, float("nan")) for m in measures]
+        bars = axes.bar(xs, values, width, label=name)
+        axes.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    axes.set_xticks(range(len(measures)), measures)
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_ylim(max(0.0, 100 * lowest - 8), 100)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    if title:
+        axes.set_title(title, fontsize=10)
+    return figure
+
+
+def training_curves_figure(panels: Mapping[str, Sequence[tuple[int, float]]]):
+    """One panel per named series of ``(step, value)`` (e.g. ``train/loss`` and ``lr``), side by side."""
+    panels = {name: points for name, points in panels.items() if points}
+    figure = _new_figure((4.5 * max(len(panels), 1), 3.6))
+    for index, (name, points) in enumerate(panels.items()):
+        steps, values = zip(*points)
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        axes.plot(steps, values, linewidth=1.2)
+        axes.set_title(name, fontsize=10)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def log_figure(logger, figure, artifact_file: str) -> None:
+    """Upload ``figure`` as ``artifact_file`` through ``logger`` (nothing without a logger)."""
+    if logger is not None:
+        _upload(logger, figure, artifact_file)

@@ -16,7 +16,7 @@ from torch import nn
 
 from scale_ssl.data.full_pass import load_labelled_index
 from scale_ssl.data.rank_full_pass import rank_full_pass_batches, rank_slice
-from scale_ssl.eval.knn import extract_features
+from scale_ssl.probes.features import extract_features
 
 
 class EvalSplit:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_ssl.collectives import convert_to_global_batchnorm
-from scale_ssl.eval.eval_split import EvalSplit
-from scale_ssl.eval.plots import log_accuracy_curves
+from scale_ssl.probes.eval_split import EvalSplit
+from scale_ssl.probes.plots import log_accuracy_curves
 from scale_ssl.trainer.callback import Callback
 
 UNLABELLED_MESSAGE = (

@@ -1,6 +1,7 @@
 """The optimizer + per-step warmup-cosine schedule every seed method trains with.
 
-One place for what SimCLR, SwAV, BYOL, SimSiam and MoCo v2 share: parameter groups (optionally
+One place for what SimCLR, SwAV, BYOL, SimSiam, MoCo v2, DINO, AMDIM and CPC v2 share (their
+``configure_optimizers`` is a call of :func:`warmup_cosine_optimizer`): parameter groups (optionally
 biases and norm weights without weight decay or LARS adaptation), LARS / SGD / Adam / AdamW, and a
 ``WarmupCosineSchedule`` stepped per optimizer step over the trainer's total step count.
 """
@@ -11,7 +12,9 @@ import math
 
 import torch
 
-from scale_ssl.optim import LARS, WarmupCosineSchedule, exclude_bn_bias_groups
+from scale_ssl.optim.lars import LARS
+from scale_ssl.optim.param_groups import exclude_bn_bias_groups
+from scale_ssl.optim.warmup_cosine import WarmupCosineSchedule
 
 OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 
