@@ -380,8 +380,11 @@ class Recorder(Callback):
             self.sink(taken)
 
 
-def train(method: str, strategy, precision: str, batches: list, callbacks: list, permuted: torch.Tensor | None = None):
-    module = build_module(method)
+def train(method: str, strategy, precision: str, batches: list, callbacks: list, permuted: torch.Tensor | None = None,
+          module=None):
+    """Fit ``build_module(method)`` (or ``module``, built by it elsewhere: XLA:CPU device threads
+    share one host RNG and cannot each build it) for ``STEPS`` steps."""
+    module = build_module(method) if module is None else module
     if permuted is not None and method == "amdim":
         _permute_anchor_draws(module.contrastive_task, permuted)
     trainer = Trainer(strategy=strategy, max_epochs=EPOCHS, precision=precision, logger=False, enable_progress_bar=False,

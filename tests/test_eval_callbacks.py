@@ -126,6 +126,14 @@ def test_online_evaluator_does_not_change_the_method():
     assert callback.head is not None and callback.optimizer.state_dict()["state"]
 
 
+def test_online_evaluator_on_unlabelled_batches_is_one_clear_error():
+    """Unlabelled shards stream label -1: the evaluator stops at the first such batch and says
+    what to change (on XLA the same error comes at the logging interval: tests/xla)."""
+    unlabelled = [(views, torch.full_like(labels, -1)) for views, labels in _global_batches(steps=2)]
+    with pytest.raises(ValueError, match=r"label -1 .* model.online_ft=false for cpc_v2"):
+        _fit_tiny("single", unlabelled)
+
+
 @pytest.mark.timeout(180)
 def test_online_head_on_two_ddp_ranks_equals_one_process_on_the_global_batch():
     _, single_callback, single_trainer = _fit_tiny("single", _global_batches(), batchnorm=False)

@@ -127,7 +127,10 @@ class XlaCollective(Collective):
             raise ValueError(f"broadcast: src={src} is not a replica ordinal in [0, {self._world_size})")
         if self._world_size == 1:
             return tensor
-        return self.broadcast_many([tensor.detach().clone()], src)[0]
+        # A host tensor (set-up state a method builds before the trainer moves the module, such as
+        # MoCo's initial queue) is moved to this replica's device first: XLA collectives run there,
+        # and the result stays there.
+        return self.broadcast_many([tensor.detach().to(self.device, copy=True)], src)[0]
 
     def broadcast_many(self, tensors: list[torch.Tensor], src: int = 0) -> list[torch.Tensor]:
         """Overwrite ``tensors`` in place with replica ``src``'s values (one coalesced all-reduce).

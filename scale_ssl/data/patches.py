@@ -59,10 +59,14 @@ class ImagePatches:
                 f"ImagePatches: expected images (N, C, {self.image_size}, {self.image_size}) or (C, H, W), got "
                 f"{tuple(images.shape)}; set image_size to the images' side"
             )
-        p, s = self.patch_size, self.stride
-        grid = batch.unfold(2, p, s).unfold(3, p, s)  # (N, C, g, g, p, p)
-        grid = grid.permute(0, 2, 3, 1, 4, 5).contiguous()  # (N, g, g, C, p, p)
-        return grid[0] if single else grid
+        p, s, g = self.patch_size, self.stride, self.grid
+        # Row (and column) i * s + a of the image is row a of patch row i. Gathered with
+        # index_select rather than Tensor.unfold, which torch_xla runs on the host (a host round
+        # trip at the start of every step); the same values, exactly.
+        rows = ((torch.arange(g, device=batch.device) * s).view(g, 1) + torch.arange(p, device=batch.device)).reshape(-1)
+        grid = batch.index_select(2, rows).index_select(3, rows)  # (N, C, g * p, g * p)
+        grid = grid.view(batch.shape[0], batch.shape[1], g, p, g, p).permute(0, 2, 4, 1, 3, 5).contiguous()
+        return grid[0] if single else grid  # (N, g, g, C, p, p)
 
     def __repr__(self) -> str:
         return f"ImagePatches(image_size={self.image_size}, patch_size={self.patch_size}, patch_overlap={self.patch_overlap})"

@@ -66,7 +66,9 @@ def amdim_nce(anchors: torch.Tensor, targets: torch.Tensor, positive_rows: torch
     positive = scores[torch.arange(b, device=anchors.device), positive_rows]  # (b, L)
     negatives = scores.masked_fill(is_positive.unsqueeze(2), float("-inf")).reshape(b, big_b * locations)
     negative_lse = torch.logsumexp(negatives, dim=1, keepdim=True)  # (b, 1)
-    nce = -(positive - torch.logaddexp(positive, negative_lse)).mean()
+    # log(e^pos + e^lse(neg)) as a two-term logsumexp: torch.logaddexp runs on the host under torch_xla.
+    both = torch.logsumexp(torch.stack([positive, negative_lse.expand_as(positive)]), dim=0)
+    nce = -(positive - both).mean()
     return nce, regulariser
 
 

@@ -142,14 +142,18 @@ class MoCoV2(SSLModule):
         shuffle = self.hparams["shuffle_bn"] and not self.hparams["sync_bn"] and collective.world_size > 1
         if not shuffle:
             return F.normalize(self.momentum_projection(self.momentum_encoder(x)).float(), dim=1)
-        b, rank = x.shape[0], collective.rank
+        b = x.shape[0]
         everyone = collective.all_gather(x, grad=False)
         order = collective.broadcast(torch.randperm(everyone.shape[0], device=x.device))
-        keys = self.momentum_projection(self.momentum_encoder(everyone[order[rank * b : (rank + 1) * b]]))
+        # This rank's rows of the global batch, the rank entering as device data: a Python slice
+        # would bake the rank into the traced step, and XLA replicas would compile different
+        # programs whose collectives never meet.
+        mine = collective.rank_offset(b, device=x.device) + torch.arange(b, device=x.device)
+        keys = self.momentum_projection(self.momentum_encoder(everyone[order[mine]]))
         keys = collective.all_gather(F.normalize(keys.float(), dim=1), grad=False)
         unshuffled = torch.empty_like(keys)
         unshuffled[order] = keys  # row order[i] of the global batch was encoded at position i
-        return unshuffled[rank * b : (rank + 1) * b]
+        return unshuffled[mine]
 
     def training_step(self, batch, batch_idx: int):
         (x_q, x_k), _labels = batch

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_ssl.checks import check_int
+from scale_ssl.models.adaptive_pool import adaptive_avg_pool2d
 
 MAP_SIZES = (1, 5, 7)
 MIN_IMAGE_SIZE = 28
@@ -50,7 +51,7 @@ class ResidualConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mix(F.relu(self.norm(self.conv(x))))
-        return F.relu(out + self.shortcut(F.adaptive_avg_pool2d(x, out.shape[-2:])))
+        return F.relu(out + self.shortcut(adaptive_avg_pool2d(x, out.shape[-2:])))
 
 
 class EmbeddingHead(nn.Module):
@@ -112,7 +113,7 @@ class AMDIMEncoder(nn.Module):
             )
         h = self.down(self.stem(x))
         if h.shape[-1] != 7:
-            h = F.adaptive_avg_pool2d(h, 7)
+            h = adaptive_avg_pool2d(h, 7)
         h7 = self.blocks7(h)
         h5 = self.to5(h7)
         h1 = self.to1(h5)

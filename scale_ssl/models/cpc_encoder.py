@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_ssl.data.patches import ImagePatches
+from scale_ssl.models.adaptive_pool import adaptive_avg_pool2d
 
 
 class _PatchResBlock(nn.Module):
@@ -87,4 +88,4 @@ class CPCEncoder(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grid = self.feature_grid(x)
-        return grid.mean(dim=(2, 3), keepdim=True), F.adaptive_avg_pool2d(grid, max(1, (self.grid_size + 1) // 2)), grid
+        return grid.mean(dim=(2, 3), keepdim=True), adaptive_avg_pool2d(grid, max(1, (self.grid_size + 1) // 2)), grid

@@ -34,6 +34,12 @@ from scale_ssl.probes.eval_split import EvalSplit
 from scale_ssl.probes.plots import log_accuracy_curves
 from scale_ssl.trainer.callback import Callback
 
+UNLABELLED_MESSAGE = (
+    "SSLOnlineEvaluator needs labelled training batches, but a batch carries label -1 (the shards have no "
+    "labels, or data.label_key is null): train without the online evaluator (e.g. model.online_ft=false for "
+    "cpc_v2) or stream labelled shards"
+)
+
 
 def build_classifier_head(feature_dim: int, num_classes: int, hidden_dim: int | None = None, dropout: float = 0.0) -> nn.Module:
     """Linear head, or Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear with ``hidden_dim``."""
@@ -104,7 +110,7 @@ class SSLOnlineEvaluator(Callback):
         self.head: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[tuple[int, float]] = []  # (global_step, online_val_acc)
-        self._correct = self._seen = 0
+        self._correct = self._seen = self._unlabelled = 0
         self._pending_state: dict | None = None
 
     # -- the head -------------------------------------------------------------------------
@@ -116,6 +122,13 @@ class SSLOnlineEvaluator(Callback):
             # the head one process would train on the concatenated batch.
             head = convert_to_global_batchnorm(head, collective)
         self.head = head.to(device)
+        if collective is not None and collective.world_size > 1:
+            # Every rank starts from rank 0's head, as every replica of the model starts from rank 0's
+            # weights: equal seeds alone do not guarantee it (XLA:CPU replicas are threads drawing
+            # from one host RNG; a run may seed its ranks differently).
+            with torch.no_grad():
+                for t in list(self.head.parameters()) + list(self.head.buffers()):
+                    t.copy_(collective.broadcast(t, src=0))
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         if self._pending_state is not None:
             self._load_head_state(self._pending_state)
@@ -156,26 +169,33 @@ class SSLOnlineEvaluator(Callback):
             self._build(features.shape[1], features.device, trainer.strategy.collective)
         self.head.train()
         labels = labels.to(features.device).long()
-        if labels.numel() and int(labels.min()) < 0:
-            raise ValueError(
-                "SSLOnlineEvaluator needs labelled training batches, but this batch carries label -1 (the "
-                "shards have no labels, or data.label_key is null): train without the online evaluator "
-                "(e.g. model.online_ft=false for cpc_v2) or stream labelled shards"
-            )
+        unlabelled = (labels < 0).sum().float()
+        if trainer.strategy.host_reads_split_the_step:
+            # XLA: counted on the device and checked with the accuracy counts at the logging
+            # interval; reading it now would run it as a program of its own, every step.
+            self._unlabelled = self._unlabelled + unlabelled
+        elif unlabelled.item() > 0:
+            raise ValueError(UNLABELLED_MESSAGE)
         logits = self.head(features)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self._average_gradients(trainer.strategy.collective)
         self.optimizer.step()
-        self._correct += int((logits.argmax(dim=1) == labels).sum())
+        # Counted on the device and read only at the logging interval, through the strategy's
+        # reduction: a host read every step would make XLA run the head's step as a program of its
+        # own, outside the training step.
+        self._correct = self._correct + (logits.argmax(dim=1) == labels).sum().float()
         self._seen += labels.shape[0]
         if trainer.global_step % self.log_every_n_steps == 0:
-            counts = torch.tensor([self._correct, self._seen], dtype=torch.float64, device=features.device)
-            counts = trainer.strategy.collective.all_reduce(counts, op="sum")
+            seen = torch.full((1,), float(self._seen), device=features.device)
+            unlabelled = torch.as_tensor(self._unlabelled, dtype=torch.float32, device=features.device).reshape(1)
+            counts = trainer.strategy.reduce(torch.cat([self._correct.reshape(1), seen, unlabelled]), op="sum")
+            if float(counts[2]) > 0:
+                raise ValueError(UNLABELLED_MESSAGE)
             trainer.log_metrics({"online_train_acc": float(counts[0] / counts[1].clamp(min=1)),
                                  "online_train_loss": float(loss.detach())})  # fmt: skip
-            self._correct = self._seen = 0
+            self._correct = self._seen = self._unlabelled = 0
 
     def _average_gradients(self, collective) -> None:
         if collective.world_size == 1:

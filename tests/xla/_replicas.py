@@ -84,17 +84,29 @@ def scenario_trainer(strategy, data: dict) -> dict:
 
     class Record(Callback):
         def __init__(self):
-            self.states, self.compiles = [], []
+            self.states, self.compiles, self.graph_hashes = [], [], []
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            # The traced step up to here (forward, global BatchNorm, loss, backward, gradient
+            # all-reduce) as XLA will compile it: one program for every replica or they never meet.
+            import torch_xla
+
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            self.graph_hashes.append(torch_xla._XLAC._get_graph_hash(grads))
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            # Before step k: everything steps 1..k-1 ran, their metric reductions included.
+            self.compiles.append(met.counter_value("UncachedCompile") or 0)
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.states.append({k: _cpu(v) for k, v in module.state_dict().items()})
-            self.compiles.append(met.counter_value("UncachedCompile") or 0)
 
     record = Record()
     trainer = Trainer(strategy=strategy, max_steps=len(batches), logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, log_every_n_steps=1, callbacks=[record])
     trainer.fit(model, batches)
-    return {"states": record.states, "compiles": record.compiles,
+    record.compiles.append(met.counter_value("UncachedCompile") or 0)
+    return {"states": record.states, "compiles": record.compiles, "graph_hashes": record.graph_hashes,
             "losses": [h["train/loss"] for h in trainer.history if "train/loss" in h]}
 
 
@@ -117,6 +129,57 @@ def scenario_trainer_tiny(strategy, data: dict) -> dict:
     return {"state": {k: _cpu(v) for k, v in model.state_dict().items()},
             "losses": [h["train/loss"] for h in trainer.history if "train/loss" in h],
             "compiles": met.counter_value("UncachedCompile") or 0}
+
+
+def scenario_moco_shuffle_bn(strategy, data: dict) -> dict:
+    """MoCo's key encoder with shuffle-BN (per-device BatchNorm on a shuffled shard of the global
+    key batch) on this replica's slice: the keys it returns, the permutation it received from
+    replica 0, and the keys' graph hash (must be the same program on every replica)."""
+    import torch_xla
+
+    from scale_ssl.methods import MoCoV2
+    from scale_ssl.trainer import Trainer
+
+    rank, world = strategy.global_rank, strategy.world_size
+    model = MoCoV2(**data["hparams"])
+    model.load_state_dict(data["state"])
+    model = strategy.setup_module(model)
+    # The module reaches its collective through its trainer, as in training; nothing is fitted.
+    model.trainer = Trainer(strategy=strategy, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model.train()
+    collective, received = strategy.collective, []
+    broadcast = collective.broadcast
+
+    def observed_broadcast(tensor, src=0):  # the real broadcast; the test only keeps what it returned
+        out = broadcast(tensor, src)
+        received.append(out)
+        return out
+
+    collective.broadcast = observed_broadcast
+    b = data["x"].shape[0] // world
+    keys = model._keys(data["x"][rank * b:(rank + 1) * b].to(strategy.root_device))
+    graph_hash = torch_xla._XLAC._get_graph_hash([keys])
+    torch_xla.sync()
+    return {"keys": _cpu(keys), "order": _cpu(received[0]), "graph_hash": graph_hash}
+
+
+def scenario_recipe(strategy, data: dict) -> dict:
+    """Cells of the real-recipe matrix (tests/xla/recipe_matrix.py): each method of ``data["jobs"]``
+    trains its steps through the Trainer on this replica's half of every global batch, each with a
+    strategy of its own."""
+    from scale_ssl.strategies import XLAStrategy
+    from tests.xla import recipe_matrix
+
+    strategies = iter([strategy])
+
+    def next_strategy():
+        fresh = next(strategies, None)
+        if fresh is None:
+            fresh = XLAStrategy(sync_batchnorm=data.get("sync_batchnorm", False))
+            fresh.setup_environment()
+        return fresh
+
+    return {"cells": recipe_matrix.run_replica_cells(next_strategy, data["jobs"])}
 
 
 def scenario_dino_loss(strategy, data: dict) -> dict:
@@ -151,7 +214,8 @@ def scenario_dino_loss(strategy, data: dict) -> dict:
 
 
 SCENARIOS = {"nt_xent": scenario_nt_xent, "sinkhorn": scenario_sinkhorn, "trainer": scenario_trainer,
-             "trainer_tiny": scenario_trainer_tiny, "dino_loss": scenario_dino_loss}
+             "trainer_tiny": scenario_trainer_tiny, "moco_shuffle_bn": scenario_moco_shuffle_bn,
+             "recipe": scenario_recipe, "dino_loss": scenario_dino_loss}
 
 
 def replica(scenario: str, in_path: str, out_dir: str) -> None:

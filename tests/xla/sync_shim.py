@@ -21,13 +21,22 @@ The replacement (installed process-wide; it serves every device thread):
   in a device wait with the GIL held while the step waits in the rendezvous for the others.
 * serialises the *tracing* of collectives (``xm.all_reduce``/``all_gather``/``reduce_scatter``),
   which touch the device's all-reduce token: concurrent calls crashed the process (segfault).
+* turns off parameter buffer donation (``XLA_ENABLE_PARAM_ALIASING=0``). With donation on, the
+  step program donates the old parameter buffers to its outputs, and PJRT:CPU confirms a donation
+  only when the program has finished. Once a step is dispatched, dropping torch_xla's last
+  reference to a donated buffer waits for that confirmation, and that last reference is often
+  dropped inside ``_xla_step_marker`` itself (when the execution thread let go of it first).
+  The dispatching replica then waits, holding the lock above, for a program that waits in a
+  rendezvous for the replicas queued behind that lock: the ResNet + global-BatchNorm Trainer
+  hung exactly so (stack: ``StepMarker`` -> ``~Async`` -> ``CommonPjRtBuffer::ReleaseBuffer``,
+  the other device threads in ``_threaded_sync``'s lock, the running replicas in
+  ``InProcessCommunicator::AllGather``; the small-graph scenarios happened not to drop the
+  reference there). Donation only saves memory: the program computes the same values without it.
 The price is that a sync no longer overlaps the next step's tracing: fine for tests.
 
-Known limit: a ResNet training step (the Trainer scenario) still hangs. The first replica, holding
-the lock, never returns from dispatching that program (XLA:CPU appears to run it inline, so the
-replica sits in the rendezvous), and the others cannot get the lock to dispatch theirs. Releasing
-the lock once the program is compiled instead (dispatch from a helper thread) broke the
-small-graph collectives that work now; see test_trainer_replicas_stay_identical_... .
+None of this is needed, or happens, on a TPU pod: there each replica is a process that owns its
+chip, no lock is shared between replicas, and a replica waiting for its own step to finish only
+waits for the other processes, which run on.
 """
 
 from __future__ import annotations
@@ -105,8 +114,10 @@ def _serialised(function):
 
 
 def install() -> None:
-    """Replace ``torch_xla.sync`` (and so ``xm.mark_step``) and serialise the tracing of collectives
-    in this process."""
+    """Replace ``torch_xla.sync`` (and so ``xm.mark_step``), serialise the tracing of collectives and
+    turn off parameter buffer donation in this process (before its first sync: torch_xla reads the
+    variable once)."""
+    os.environ["XLA_ENABLE_PARAM_ALIASING"] = "0"
     torch_xla.sync = _threaded_sync
     for name, function in _original_collectives.items():
         setattr(xm, name, _serialised(function))
