@@ -4,9 +4,10 @@ asserts it), and the table renders. The measurement itself is re-run on an idle 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
+import sys
 
 import pytest
 
@@ -14,10 +15,13 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.timeout(600)
-def test_global_bn_benchmark_runs_its_variants_and_renders(tmp_path):
-    spec = importlib.util.spec_from_file_location("global_bn_cost", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_global_bn_benchmark_runs_its_variants_and_renders(tmp_path, monkeypatch):
+    # The ranks are spawned, so the worker function is pickled by module name: import the script as
+    # the module "global_bn_cost" from a path the spawned children inherit, so parent and children
+    # resolve the same object whatever other tests put on sys.path before.
+    monkeypatch.syspath_prepend(os.path.dirname(SCRIPT))
+    monkeypatch.delitem(sys.modules, "global_bn_cost", raising=False)
+    bench = importlib.import_module("global_bn_cost")
     out = tmp_path / "summary.json"
     summary = bench.main(["--global-batch", "4", "--steps", "1", "--warmup", "1", "--repeats", "1", "--json", str(out)])
     assert json.loads(out.read_text())["rotations"] == 1
