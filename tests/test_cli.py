@@ -189,3 +189,15 @@ def test_torchrun_deepspeed_zero2_bf16_with_a_user_json(fmnist_shards, tmp_path)
 def test_a_directory_that_is_not_a_deepspeed_checkpoint_is_a_clear_error(capsys, tmp_path):
     line = _error_of(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "e.pt")], capsys)
     assert "not a DeepSpeed checkpoint" in line and not (tmp_path / "e.pt").exists()
+
+
+def test_eval_knn_with_baselines_scores_a_fitted_checkpoint(fmnist_shards, tmp_path, capsys):
+    """`scale-ssl eval knn --ckpt ... --baselines` (the demo's second command) on a real 3-step fit."""
+    assert main(["fit", "--config", CONFIG, *tiny_overrides(fmnist_shards, tmp_path), "tracking.enabled=false"]) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert main(["eval", "knn", "--ckpt", str(ckpt), "--baselines", "eval.knn_k=20", "tracking.enabled=false"]) == 0
+    out = capsys.readouterr().out
+    for row in ("raw pixels", "random-init"):
+        assert row in out, out
+    assert "%" in out

@@ -67,14 +67,15 @@ def test_imagenet_configs_state_anchor_scale_and_lr_rule(path):
     text = open(path).read()
     assert re.search(r"^# Anchor: .*\d\d\.\d% top-1", text, re.M), f"{path}: state the published anchor result"
     config = load_config(path)
-    scale = os.path.basename(path)[len("imagenet_"):-len(".yaml")].replace("_deepspeed", "")
+    scale = os.path.basename(path)[len("imagenet_"):-len(".yaml")].replace("_deepspeed", "").replace("_fsdp", "")
     plan = resolve_plan(config)
     assert plan.world_size == WORLD_BY_SCALE[scale]
     # DINO's ViT-S/16 anchor is at batch 1024 (the ResNet-50 anchors at 4096)
     assert config.trainer.global_batch_size == (1024 if config.method == "dino" else 4096)
     assert str(config.trainer.precision) == "bf16-mixed"
     assert config.plan.lr_rule in ("linear", "sqrt"), f"{path}: state the lr rule the lr follows"
-    assert config.trainer.strategy == ("xla" if scale.startswith("tpu") else ("deepspeed" if "deepspeed" in path else "ddp"))
+    backend = "deepspeed" if "deepspeed" in path else ("fsdp" if "fsdp" in path else "ddp")
+    assert config.trainer.strategy == ("xla" if scale.startswith("tpu") else backend)
     # Global BN over all ranks, by the strategy (DeepSpeed included) or by the model (MoCo's sync_bn);
     # DINO's ViT and head have no BN.
     if config.method == "dino":

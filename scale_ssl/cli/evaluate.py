@@ -12,7 +12,7 @@ import torch
 
 from scale_ssl.config import ConfigError
 from scale_ssl.data import EvalTransform
-from scale_ssl.cli.assembly import load_split
+from scale_ssl.cli.assembly import config_for_checkpoint, load_split
 from scale_ssl.data.full_pass import load_labelled_index
 from scale_ssl.eval import extract_features, knn_accuracy, raw_pixel_features
 from scale_ssl.methods import METHODS
