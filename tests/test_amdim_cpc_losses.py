@@ -132,6 +132,18 @@ def test_cpc_task_equals_the_plain_formula():
     torch.testing.assert_close(ours_grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_cpc_task_in_float64_stays_float64_and_equals_the_plain_formula_tightly():
+    """The task computes in at least fp32 (bf16 under autocast is raised); a float64 task on
+    float64 grids stays float64 (it cast them to fp32 and failed against its float64 weights):
+    what the XLA matrix's float64 arbiter replays CPC v2 with."""
+    torch.manual_seed(6)
+    task = CPCTask(5, target_dim=4, steps_to_ignore=1, steps_to_predict=3, collective=LocalCollective()).double()
+    z = torch.randn(3, 5, 4, 3, dtype=torch.float64)
+    ours = task(z)
+    assert ours.dtype == torch.float64
+    assert ours.item() == pytest.approx(plain_cpc(task, z).item(), rel=1e-12)
+
+
 def test_cpc_context_is_causal():
     """Changing the rows below row r never changes the context at rows <= r."""
     torch.manual_seed(7)

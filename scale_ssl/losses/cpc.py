@@ -123,7 +123,8 @@ class CPCTask(nn.Module):
         self.check_grid(h)
         collective = self.collective or default_collective()
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z = z.float()
+            # At least fp32: bf16 under autocast is raised, a float64 task (gradient checks) stays float64.
+            z = z.to(torch.promote_types(z.dtype, torch.float32))
             context = self.context(z)
             targets = self.target(z).permute(0, 2, 3, 1).contiguous()  # (b, h, w, T)
             candidates = collective.all_gather(targets, grad=True).reshape(-1, targets.shape[-1])  # (B*h*w, T)

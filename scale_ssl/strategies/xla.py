@@ -179,6 +179,16 @@ class XLAStrategy(Strategy):
             grads = [p.grad for p in self._module.parameters() if p.grad is not None]
             self.collective.all_reduce_many(grads, scale=1.0 / self.world_size)
 
+    def write_master_parameters(self, params, values) -> None:
+        """Set ``params`` to ``values`` (SwAV's prototype normalisation, EMA targets). Always a copy:
+        XLA tensors have no storage and ``data_ptr()`` is 0 for every one of them, so the base
+        class's test for "the view ``master_parameters`` returned" would take every value for the
+        parameter itself and write nothing (SwAV's prototypes were never normalised). Copying a
+        view onto its own parameter is a no-op in the traced step."""
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                p.copy_(value.to(p.dtype))
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer, closure=None) -> Any:
         out = optimizer.step(closure) if closure is not None else optimizer.step()
         _sync()  # the one sync per optimizer step: compile (first time) and run the whole step

@@ -21,12 +21,13 @@ from tests.xla import recipe_matrix as X
 
 pytestmark = pytest.mark.xla
 
-# In `make test`: SimSiam -- a ResNet with global BatchNorm in its encoder, projector and
-# predictor (every TPU config sets sync_batchnorm) under the config's LARS-free SGD recipe, one of
-# the cheapest ResNet cells to compile -- and CPC v2, the small encoder whose patches, feature-map
-# task and online classifier all had to trace into one program. The other five run in
-# `make test-all`.
-DEFAULT_METHODS = ("simsiam", "cpc_v2")
+# In `make test` (one launch, ~1.5 min on 2 cores): MoCo -- the ResNet with global BatchNorm every
+# TPU config uses, its EMA target and queue, and shuffle-BN's gathers and broadcast with the rank
+# as device data: the XLA-specific paths -- and CPC v2, the small encoder whose patches,
+# feature-map task and online classifier had to be made to trace into one program. The other
+# five run in `make test-all` (SwAV's prototype normalisation, which the matrix found unwritten
+# on XLA, also has a fast test in test_xla_single_device.py).
+DEFAULT_METHODS = ("moco", "cpc_v2")
 LAUNCH_TIMEOUT_S = 3600
 
 
@@ -38,7 +39,7 @@ def xla_matrix(request, tmp_path_factory):
     matrix = X.XlaMatrix(str(tmp_path_factory.mktemp("xla_matrix")), selected, LAUNCH_TIMEOUT_S)
     yield matrix
     if set(matrix.results) == set(E.METHOD_NAMES) and not matrix.replica_problems:
-        X.write_section([matrix.results[m] for m in E.METHOD_NAMES], time.perf_counter() - started)
+        X.write_section([matrix.results[m] for m in E.METHOD_NAMES], matrix.per_step, time.perf_counter() - started)
 
 
 def _cells():
@@ -52,7 +53,7 @@ def test_method_on_two_xla_devices_equals_one_process(method, xla_matrix):
     result = xla_matrix.result(method)
     assert not [p for p in xla_matrix.replica_problems if p.startswith(method + ":")]
     problems = E.problems(result)
-    steps = "; ".join(", ".join(f"{k} {s[k]:.1e}" for k in E.FIGURES if s.get(k) is not None)
+    steps = "; ".join(", ".join(f"{k} {s[k]:.1e}" for k in E.FIGURES if s.get(k) is not None) + f" ({s['reference']})"
                       for s in xla_matrix.per_step[method])
     print(f"\n{result.cell.id}, per step (teacher-forced): {steps}; free run params "
           f"{result.free_running['params']:.1e}; {xla_matrix.compiles[method]} compiles; {result.seconds:.0f} s")

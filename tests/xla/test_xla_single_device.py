@@ -181,6 +181,24 @@ def test_nonfinite_loss_on_xla_is_caught_at_the_log_interval_without_splitting_t
         skip.fit(TinyContrastiveModule(), batches)
 
 
+def test_swav_prototype_normalisation_reaches_the_xla_weights():
+    """SwAV normalises its prototypes through ``strategy.write_master_parameters``. On XLA every
+    tensor's ``data_ptr()`` is 0, so the base class's "is this the parameter's own view?" test
+    skipped the write and the prototypes were never normalised (found by the XLA recipe matrix:
+    SwAV's loss parted from one process once its prototypes trained)."""
+    from tests import _equivalence as E
+
+    strategy = XLAStrategy()
+    strategy.setup_environment()
+    swav = E.build_module("swav").to(strategy.root_device)
+    swav.trainer = Trainer(strategy=strategy, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with torch.no_grad():
+        swav.prototypes.weight.mul_(3.0)
+    swav._normalize_prototypes()
+    norms = swav.prototypes.weight.detach().cpu().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
 class _StepsSeen(Callback):
     def __init__(self):
         self.last = 0
