@@ -201,3 +201,27 @@ def test_eval_knn_with_baselines_scores_a_fitted_checkpoint(fmnist_shards, tmp_p
     for row in ("raw pixels", "random-init"):
         assert row in out, out
     assert "%" in out
+
+
+def test_eval_from_another_directory_logs_to_the_fits_own_store(fmnist_shards, tmp_path, monkeypatch, capsys):
+    """The default store is ``sqlite:///<default_root_dir>/mlflow.db`` with a relative
+    ``default_root_dir`` (``runs/demo``): an evaluation started from another directory must log to
+    the store the fit wrote, not create an empty one next to its own working directory."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    fit_dir, other_dir = tmp_path / "project", tmp_path / "elsewhere"
+    fit_dir.mkdir()
+    other_dir.mkdir()
+    monkeypatch.chdir(fit_dir)
+    overrides = [o for o in tiny_overrides(fmnist_shards, tmp_path) if not o.startswith("trainer.default_root_dir")]
+    assert main(["fit", "--config", CONFIG, *overrides, "trainer.default_root_dir=runs/demo",
+                 "tracking.experiment_name=cwd_test"]) == 0
+    ckpt = fit_dir / "runs" / "demo" / "checkpoints" / "last.ckpt"
+    run_id = torch.load(ckpt, map_location="cpu", weights_only=False)["mlflow_run_id"]
+    monkeypatch.chdir(other_dir)
+    assert main(["eval", "knn", "--ckpt", str(ckpt), "eval.knn_k=20"]) == 0
+    assert "logged to MLflow run " + run_id in capsys.readouterr().out
+    assert not (other_dir / "runs").exists()
+    store = f"sqlite:///{fit_dir / 'runs' / 'demo' / 'mlflow.db'}"
+    assert "eval/knn_top1/ssl_encoder" in MlflowClient(tracking_uri=store).get_run(run_id).data.metrics

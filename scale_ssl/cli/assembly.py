@@ -94,6 +94,14 @@ def config_for_checkpoint(args, checkpoint: dict):
     return load_config(None, args.overrides, base=stored)
 
 
+def pretraining_tracking_uri(config: DictConfig, checkpoint: dict) -> str | None:
+    """Where an evaluation finds the checkpoint's pretraining run: ``tracking.tracking_uri`` when
+    set, else the store the fit resolved and recorded in the checkpoint. The local default is
+    ``sqlite:///<default_root_dir>/mlflow.db`` with ``default_root_dir`` relative to the fit's
+    working directory; re-resolving it from another directory would open an empty store."""
+    return config.tracking.tracking_uri or checkpoint.get("mlflow_tracking_uri")
+
+
 def load_split(source, transform, batch_size: int, label_key: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Decode a split once; every encoder (and the raw-pixel baseline) then reads the same tensors."""
     from scale_ssl.data.full_pass import full_pass_batches

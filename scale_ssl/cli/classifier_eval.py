@@ -13,7 +13,8 @@ import os
 
 from omegaconf import OmegaConf
 
-from scale_ssl.cli.assembly import build_strategy_from_config, config_for_checkpoint, set_cpu_threads
+from scale_ssl.cli.assembly import (build_strategy_from_config, config_for_checkpoint, pretraining_tracking_uri,
+                                    set_cpu_threads)
 from scale_ssl.config import ConfigError, per_device_batch_size
 from scale_ssl.data import EvalTransform, ShardedImageStream
 from scale_ssl.data.sample_fields import require_labels
@@ -50,7 +51,8 @@ def _logger(config, checkpoint: dict, mode: str, rank: int):
     tracking = config.tracking
     root = config.trainer.default_root_dir
     pretrain_run = checkpoint.get("mlflow_run_id")
-    probe = MLflowLogger(tracking_uri=tracking.tracking_uri, default_root_dir=root)  # resolves the store only
+    tracking_uri = pretraining_tracking_uri(config, checkpoint)
+    probe = MLflowLogger(tracking_uri=tracking_uri, default_root_dir=root)  # resolves the store only
     experiment = tracking.experiment_name
     if pretrain_run and rank == 0:
         found = _pretraining_experiment(probe.tracking_uri, pretrain_run)
@@ -64,7 +66,7 @@ def _logger(config, checkpoint: dict, mode: str, rank: int):
     if pretrain_run:
         # mlflow.parentRunId nests the evaluation under the pretraining run in the MLflow UI.
         tags.update({PRETRAINING_RUN_TAG: pretrain_run, "mlflow.parentRunId": pretrain_run})
-    logger = MLflowLogger(tracking_uri=tracking.tracking_uri, experiment_name=experiment, run_name=f"eval_{mode}",
+    logger = MLflowLogger(tracking_uri=tracking_uri, experiment_name=experiment, run_name=f"eval_{mode}",
                           tags=tags, default_root_dir=root, rank=rank)  # fmt: skip
     return logger, pretrain_run
 

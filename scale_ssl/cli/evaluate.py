@@ -12,7 +12,7 @@ import torch
 
 from scale_ssl.config import ConfigError
 from scale_ssl.data import EvalTransform
-from scale_ssl.cli.assembly import config_for_checkpoint, load_split
+from scale_ssl.cli.assembly import config_for_checkpoint, load_split, pretraining_tracking_uri
 from scale_ssl.data.full_pass import load_labelled_index
 from scale_ssl.eval import extract_features, knn_accuracy, raw_pixel_features
 from scale_ssl.methods import METHODS
@@ -70,7 +70,8 @@ def run_knn_eval(args) -> dict[str, float]:
 
     run_id = checkpoint.get("mlflow_run_id")
     if run_id and config.tracking.enabled:
-        logger = MLflowLogger(tracking_uri=config.tracking.tracking_uri, default_root_dir=config.trainer.default_root_dir, run_id=run_id)
+        logger = MLflowLogger(tracking_uri=pretraining_tracking_uri(config, checkpoint),
+                              default_root_dir=config.trainer.default_root_dir, run_id=run_id)  # fmt: skip
         logger.log_metrics({f"eval/knn_top1/{k}": v for k, v in results.items()}, step=int(checkpoint.get("global_step", 0)))
         logger.finalize("FINISHED")
         print(f"  logged to MLflow run {run_id}; look with: {logger.ui_command()}")

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from scale_ssl.cli.assembly import config_for_checkpoint, load_split
+from scale_ssl.cli.assembly import config_for_checkpoint, load_split, pretraining_tracking_uri
 from scale_ssl.config import ConfigError
 from scale_ssl.data import EvalTransform
 from scale_ssl.data.full_pass import load_labelled_index
@@ -115,8 +115,8 @@ def run_report(args) -> dict[str, dict[str, float]]:
 
     run_id = checkpoint.get("mlflow_run_id")
     if run_id and config.tracking.enabled:
-        logger = MLflowLogger(tracking_uri=config.tracking.tracking_uri, default_root_dir=config.trainer.default_root_dir,
-                              run_id=run_id)  # fmt: skip
+        logger = MLflowLogger(tracking_uri=pretraining_tracking_uri(config, checkpoint),
+                              default_root_dir=config.trainer.default_root_dir, run_id=run_id)  # fmt: skip
         _log_to_mlflow(logger, scores, names, table, protocol, features, classes, int(checkpoint.get("global_step", 0)))
         logger.finalize("FINISHED")
         print(f"Logged to MLflow run {run_id} (metrics eval/*, artifacts report/); look with: {logger.ui_command()}",

@@ -360,7 +360,7 @@ def deepspeed_checkpoint_types() -> tuple:
 
 
 _CLIENT_KEYS = ("module_class", "hyper_parameters", "global_step", "epoch", "batch_in_epoch", "world_size",
-                "mlflow_run_id", "config", "callbacks")
+                "mlflow_run_id", "mlflow_tracking_uri", "config", "callbacks")
 
 
 def _read_config(config: dict | str | None) -> dict:

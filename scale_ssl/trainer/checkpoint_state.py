@@ -51,6 +51,9 @@ class CheckpointState:
             "rng_states": strategy.all_gather_object(rng_state()),
             "callbacks": {},
             "mlflow_run_id": trainer.logger.run_id if trainer.logger is not None else None,
+            # The store as resolved at fit time (an absolute path for the local sqlite default), so
+            # an evaluation started from another directory finds the run.
+            "mlflow_tracking_uri": getattr(trainer.logger, "tracking_uri", None),
             "config": trainer.run_config,
         }
         for cb in trainer.callbacks:
