@@ -17,7 +17,11 @@ from tests import _equivalence as E
 DOC = os.path.join(E.REPO, "docs", "EQUIVALENCE.md")
 BEGIN, END = "<!-- equivalence:main:begin -->", "<!-- equivalence:main:end -->"
 BACKEND_NAMES = {"dp2": "dp x2", "ddp2": "ddp x2", "ddp4": "ddp x4", "zero1": "ZeRO-1 x2", "zero2": "ZeRO-2 x2",
-                 "zero3": "ZeRO-3 x2"}
+                 "zero3": "ZeRO-3 x2", "fsdp2": "FSDP2 x2"}
+
+
+def _methods(backend: str) -> tuple[str, ...]:
+    return E.FSDP_METHOD_NAMES if backend.startswith("fsdp") else E.METHOD_NAMES
 
 
 def _num(value) -> str:
@@ -36,9 +40,12 @@ def _grid(results: dict, precision: str) -> list[str]:
     figure = "params"
     lines = ["| method | " + " | ".join(BACKEND_NAMES[b] for b in E.BACKENDS) + " |",
              "|---|" + "---|" * len(E.BACKENDS)]
-    for method in E.METHOD_NAMES:
+    for method in E.FSDP_METHOD_NAMES:
         row = []
         for backend in E.BACKENDS:
+            if method not in _methods(backend):
+                row.append("-")
+                continue
             result = results[E.Cell(method, backend, precision).id]
             verdict = _verdict(result)
             row.append(verdict if verdict != "equal" else f"equal ({_num(result.figures[figure])})")
@@ -52,6 +59,8 @@ def _checks(result: E.Result) -> str:
         notes.append("prototypes bitwise frozen in epoch 0" if result.frozen_prototypes_bitwise else "FREEZE BROKEN")
     if result.ema_recurrence is not None:
         notes.append(f"EMA {'/'.join(result.ema_dtypes)}, {_num(result.ema_recurrence)} from its fp32 update")
+    if result.settled_by_float64:
+        notes.append("settled by float64: step " + ", ".join(str(s) for s in result.settled_by_float64))
     dead = result.figures.get("dead") or []
     if dead:
         notes.append("gradient-free: " + ", ".join(f"`{d}`" for d in dead))
@@ -64,7 +73,7 @@ def _details(results: dict, precision: str) -> list[str]:
             if fp32 else "| cell | loss | params | optimizer state | queue | EMA target | BN buffers | checks |")
     lines = [head, "|---" * (9 if fp32 else 8) + "|"]
     for backend in E.BACKENDS:
-        for method in E.METHOD_NAMES:
+        for method in _methods(backend):
             result = results[E.Cell(method, backend, precision).id]
             if result.refused is not None:
                 lines.append(f"| {result.cell.id} | refused: {result.refused} |" + " |" * (7 if fp32 else 6))

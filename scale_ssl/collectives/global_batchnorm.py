@@ -38,7 +38,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         collective = self.collective
         if not self.training or collective is None or collective.world_size == 1:
-            return super().forward(input)
+            return self._local_forward(input)
         self._check_input_dim(input)
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
@@ -71,7 +71,31 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(input.dtype)
 
 
-def convert_to_global_batchnorm(module: nn.Module, collective: Collective) -> nn.Module:
+    def _local_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``nn.BatchNorm``'s own forward, except where the affine parameters arrive in a lower
+        precision than the running statistics: FSDP's ``MixedPrecisionPolicy(param_dtype=bf16)``
+        casts parameters but not buffers, and ``batch_norm`` refuses bf16 weights with fp32
+        running statistics. Then the kernel gets fp32 copies of weight and bias (mixed input
+        dtypes are supported: a bf16 input stays bf16 at the output), and gradients flow back to
+        the bf16 parameters through the casts."""
+        if not (self.affine and self.running_mean is not None and self.weight.dtype != self.running_mean.dtype):
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        dtype = self.running_mean.dtype
+        return nn.functional.batch_norm(
+            input, self.running_mean if keep_running else None, self.running_var if keep_running else None,
+            self.weight.to(dtype), self.bias.to(dtype), use_batch_statistics, factor, self.eps,
+        )
+
+
+def convert_to_global_batchnorm(module: nn.Module, collective: Collective | None) -> nn.Module:
     """Replace every BatchNorm layer in ``module`` by a ``GlobalBatchNorm`` on ``collective``,
     keeping its parameters and running statistics. Returns the (possibly new) root module."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):

@@ -123,16 +123,20 @@ class CPCTask(nn.Module):
         self.check_grid(h)
         collective = self.collective or default_collective()
         with torch.autocast(device_type=z.device.type, enabled=False):
-            # At least fp32: bf16 under autocast is raised, a float64 task (gradient checks) stays float64.
-            z = z.to(torch.promote_types(z.dtype, torch.float32))
+            # The task's own parameters set the convolutions' precision: fp32 normally (a bf16 grid
+            # from autocast is raised), float64 in gradient checks, bf16 where an engine cast the
+            # whole module (DeepSpeed bf16). The scores and the softmax run in at least fp32.
+            weights_dtype = self.target.weight.dtype
+            scores_dtype = torch.promote_types(weights_dtype, torch.float32)
+            z = z.to(weights_dtype)
             context = self.context(z)
             targets = self.target(z).permute(0, 2, 3, 1).contiguous()  # (b, h, w, T)
-            candidates = collective.all_gather(targets, grad=True).reshape(-1, targets.shape[-1])  # (B*h*w, T)
+            candidates = collective.all_gather(targets, grad=True).reshape(-1, targets.shape[-1]).to(scores_dtype)
             first_image = torch.arange(b, device=z.device) + collective.rank_offset(b, device=z.device)
             losses = []
             for k, predictor in zip(self.offsets, self.predictors):
                 predictions = (self.embed_scale * predictor(context[:, :, : h - k])).permute(0, 2, 3, 1)  # (b, h-k, w, T)
-                logits = predictions.reshape(-1, predictions.shape[-1]) @ candidates.t()
+                logits = predictions.reshape(-1, predictions.shape[-1]).to(scores_dtype) @ candidates.t()
                 rows = torch.arange(h - k, device=z.device)
                 cols = torch.arange(w, device=z.device)
                 # Global index of patch (image i, row r + k, column c) in the gathered targets.

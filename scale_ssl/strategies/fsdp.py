@@ -100,11 +100,13 @@ class FSDPStrategy(DDPStrategy):
 
         method = getattr(module, "module", module)
         self.module_class = type(method).__name__  # fully_shard renames it FSDP<Class>
-        if self.sync_batchnorm:
-            # In place: GlobalBatchNorm takes over each BatchNorm's parameters and buffers.
-            converted = convert_to_global_batchnorm(method, self.collective)
-            if converted is not method:
-                raise RuntimeError("strategy=fsdp: the method itself is a BatchNorm layer; wrap it in a module")
+        # In place: GlobalBatchNorm takes over each BatchNorm's parameters and buffers. Without
+        # sync_batchnorm it has no collective and normalises per rank; either way it is the layer
+        # that runs with the bf16 parameters FSDP's mixed precision gathers next to fp32 running
+        # statistics (plain nn.BatchNorm refuses that mix).
+        converted = convert_to_global_batchnorm(method, self.collective if self.sync_batchnorm else None)
+        if converted is not method:
+            raise RuntimeError("strategy=fsdp: the method itself is a BatchNorm layer; wrap it in a module")
         method.to(self.root_device)
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16-mixed" else MixedPrecisionPolicy()

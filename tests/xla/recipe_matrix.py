@@ -245,21 +245,11 @@ def finish(method: str, root: str, seconds: float) -> tuple[E.Result, list[dict]
 
 
 def forced_replay(method: str, states: str, dtype: torch.dtype) -> list[dict]:
-    """``E.TeacherForcing`` by one CPU process whose module and batches are ``dtype``: the
-    figures of each step against the snapshots in ``states``, tagged with ``dtype``."""
-    def cast(views):
-        return type(views)(v.to(dtype) for v in views)
-
-    forcing = E.TeacherForcing(states)
-    batches = [(cast(views), labels) for views, labels in E.global_batches(method)]
-    E.train(method, SingleDeviceStrategy(accelerator="cpu"), "32", batches, [forcing],
-            module=E.build_module(method).to(dtype))
-    return [{**step, "reference": str(dtype).replace("torch.", "")} for step in forcing.steps]
+    """``E.forced_replay`` with each step tagged with its reference's dtype."""
+    return [{**step, "reference": str(dtype).replace("torch.", "")} for step in E.forced_replay(method, states, dtype)]
 
 
-def _excess(figures: dict) -> float:
-    """How far a step's figures are over the strict tolerance (the largest ratio)."""
-    return max(figures[k] / E.TOLERANCE_FP32[k] for k in E.FIGURES if figures.get(k) is not None)
+_excess = E.excess
 
 
 class XlaMatrix:
