@@ -24,6 +24,9 @@ def _methods(backend: str) -> tuple[str, ...]:
     return E.FSDP_METHOD_NAMES if backend.startswith("fsdp") else E.METHOD_NAMES
 
 
+NOT_RUN = "not run in this measurement"
+
+
 def _num(value) -> str:
     if value is None:
         return "-"
@@ -46,7 +49,10 @@ def _grid(results: dict, precision: str) -> list[str]:
             if method not in _methods(backend):
                 row.append("-")
                 continue
-            result = results[E.Cell(method, backend, precision).id]
+            result = results.get(E.Cell(method, backend, precision).id)
+            if result is None:
+                row.append(NOT_RUN)
+                continue
             verdict = _verdict(result)
             row.append(verdict if verdict != "equal" else f"equal ({_num(result.figures[figure])})")
         lines.append(f"| {method} | " + " | ".join(row) + " |")
@@ -74,7 +80,10 @@ def _details(results: dict, precision: str) -> list[str]:
     lines = [head, "|---" * (9 if fp32 else 8) + "|"]
     for backend in E.BACKENDS:
         for method in _methods(backend):
-            result = results[E.Cell(method, backend, precision).id]
+            result = results.get(E.Cell(method, backend, precision).id)
+            if result is None:
+                lines.append(f"| {E.Cell(method, backend, precision).id} | {NOT_RUN} |" + " |" * (7 if fp32 else 6))
+                continue
             if result.refused is not None:
                 lines.append(f"| {result.cell.id} | refused: {result.refused} |" + " |" * (7 if fp32 else 6))
                 continue
@@ -93,16 +102,25 @@ def _details(results: dict, precision: str) -> list[str]:
     return lines
 
 
+def _coverage(by_id: dict) -> str:
+    missing = [c.id for c in E.ALL_CELLS if c.id not in by_id]
+    if not missing:
+        return "the whole matrix"
+    return (f"{len(missing)} not run in this measurement, marked as such: a run of part of the matrix "
+            f"(`SCALE_SSL_WRITE_EQUIVALENCE=1 pytest tests/test_equivalence_matrix.py -k ...`)")
+
+
 def render(results: list[E.Result]) -> str:
     by_id = {r.cell.id: r for r in results}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     fp32_tol = ", ".join(f"{k} {v:g}" for k, v in E.TOLERANCE_FP32.items())
     out = [
         BEGIN,
-        "## Main backends (dp, ddp, DeepSpeed) — measured",
+        "## Main backends (dp, ddp, DeepSpeed, FSDP2) — measured",
         "",
         f"Written by `tests/test_equivalence_matrix.py` (`make test-all`) on {stamp}: torch {torch.__version__}, "
-        f"{platform.machine()}, {len(results)} cells of {E.STEPS} optimizer steps, global batch {E.GLOBAL_BATCH}. "
+        f"{platform.machine()}, {len(results)} of the {len(E.ALL_CELLS)} cells ({_coverage(by_id)}), "
+        f"{E.STEPS} optimizer steps each, global batch {E.GLOBAL_BATCH}. "
         f"fp32 tolerances (teacher-forced, one step from the same state): {fp32_tol}. bf16: every figure at most "
         f"{E.BF16_FLOOR_FACTOR:g} x the one-process reordering floor (in parentheses) + {E.BF16_SLACK:g}.",
         "",
