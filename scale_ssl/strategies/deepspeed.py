@@ -18,7 +18,8 @@ its own CPU Adam.
 What N ranks must share with one process, and how it is kept here:
 
 * Global BatchNorm (``sync_batchnorm``): every BatchNorm layer becomes our ``GlobalBatchNorm``
-  (statistics of the global batch, computed in fp32 whatever the engine's dtype).
+  (statistics of the global batch, computed in fp32 whatever the engine's dtype); under bf16 the
+  running statistics stay fp32 beside the engine's bf16 weights.
 * The optimizer steps fp32 master copies flattened (and from stage 1 partitioned) by DeepSpeed:
   ``ZeroMasterWeights`` maps them, so reads and writes of weights outside forward
   (``master_parameters`` / ``write_master_parameters``: EMA, SwAV's prototype normalisation), a
@@ -97,10 +98,12 @@ class DeepSpeedStrategy(DDPStrategy):
         super().setup_environment()  # torchrun/SLURM env -> process group (gloo on CPU)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        # The engine wraps model and optimizer together: it is built in connect_optimizers. Our
-        # GlobalBatchNorm on any device: it computes in fp32 whatever the engine's dtype.
-        if self.sync_batchnorm and self.world_size > 1:
-            module = convert_to_global_batchnorm(module, self.collective)
+        # The engine wraps model and optimizer together: it is built in connect_optimizers. Every
+        # BatchNorm becomes our GlobalBatchNorm (without a collective where statistics stay per
+        # rank): it computes its statistics in fp32 whatever the engine's dtype, and it runs the
+        # engine's bf16 weights beside running statistics kept in fp32 (below).
+        collective = self.collective if self.sync_batchnorm and self.world_size > 1 else None
+        module = convert_to_global_batchnorm(module, collective)
         return module.to(self.root_device)
 
     def connect_optimizers(self, wrapped: nn.Module, optimizers: list):
@@ -121,10 +124,14 @@ class DeepSpeedStrategy(DDPStrategy):
         engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizers[0], config=config,
                                                dist_init_required=False)
         if self.bf16:
-            # The engine casts parameters, not buffers; BatchNorm's kernel wants its running
-            # statistics in the dtype of its (bf16) weights.
+            # The engine casts parameters, not buffers. BatchNorm's running statistics stay fp32:
+            # they are averages over many steps, and a bf16 average (3 significant digits) is
+            # rounded again at every update (GlobalBatchNorm runs bf16 weights beside them). Other
+            # floating buffers follow the weights' dtype, as the engine's own kernels expect.
+            running = {id(b) for m in wrapped.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       for b in (m.running_mean, m.running_var) if b is not None}
             for buffer in wrapped.buffers():
-                if buffer.is_floating_point():
+                if buffer.is_floating_point() and id(buffer) not in running:
                     buffer.data = buffer.data.to(torch.bfloat16)
         self.engine = engine
         self._map_masters(ema_fp32)
