@@ -168,14 +168,17 @@ class SSLOnlineEvaluator(Callback):
         if self.head is None:
             self._build(features.shape[1], features.device, trainer.strategy.collective)
         self.head.train()
-        labels = labels.to(features.device).long()
-        unlabelled = (labels < 0).sum().float()
         if trainer.strategy.host_reads_split_the_step:
+            labels = labels.to(features.device).long()
             # XLA: counted on the device and checked with the accuracy counts at the logging
             # interval; reading it now would run it as a program of its own, every step.
-            self._unlabelled = self._unlabelled + unlabelled
-        elif unlabelled.item() > 0:
-            raise ValueError(UNLABELLED_MESSAGE)
+            self._unlabelled = self._unlabelled + (labels < 0).sum().float()
+        else:
+            # Checked where the loader delivered the labels (the host, as a rule), before they move:
+            # no device sync per step.
+            if bool((labels < 0).any()):
+                raise ValueError(UNLABELLED_MESSAGE)
+            labels = labels.to(features.device).long()
         logits = self.head(features)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=False)
