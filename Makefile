@@ -18,13 +18,24 @@ DEMO_RUN := runs/simclr_fmnist
 # DeepSpeed compiles a small op on first start; keep it between runs.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
+# CI reaches PyPI over a network that sometimes cuts a long download (seen: a 594 MB CUDA wheel of
+# the XLA virtualenv stopped at 440 MB six times in a row). pip resumes a cut download; if it still
+# gives up, the whole install is tried again, up to three times, before make fails. (The venv's
+# first pip, which upgrades itself, predates --resume-retries.)
+PIP_FLAGS := --quiet --retries 10 --timeout 60 --resume-retries 30
+define pip_install
+ok=; for attempt in 1 2 3; do \
+  if $(1) -m pip install $(PIP_FLAGS) $(2); then ok=1; break; fi; \
+  echo "pip install $(2) failed (attempt $$attempt of 3)" >&2; sleep 20; \
+done; test -n "$$ok"
+endef
 
 .PHONY: demo test test-all install xla-install data clean bench bench-install
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --retries 10 --timeout 60 --upgrade pip
+	$(call pip_install,$(PY),-r requirements.txt)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -32,8 +43,8 @@ install: $(STAMP)
 
 $(XLA_STAMP): requirements-xla.txt pyproject.toml
 	test -x $(XLA_PY) || $(PYTHON) -m venv $(XLA_VENV)
-	$(XLA_PY) -m pip install --quiet --upgrade pip
-	$(XLA_PY) -m pip install --quiet -r requirements-xla.txt
+	$(XLA_PY) -m pip install --quiet --retries 10 --timeout 60 --upgrade pip
+	$(call pip_install,$(XLA_PY),-r requirements-xla.txt)
 	$(XLA_PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -50,8 +61,8 @@ BENCH_ARGS ?= --suites rank1 rank2 rank4 --arch resnet18 --global-batch 128 --st
 
 $(BENCH_STAMP): benchmarks/requirements-bench.txt pyproject.toml
 	test -x $(BENCH_PY) || $(BENCH_PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_PY) -m pip install --quiet --upgrade pip
-	$(BENCH_PY) -m pip install --quiet -r benchmarks/requirements-bench.txt
+	$(BENCH_PY) -m pip install --quiet --retries 10 --timeout 60 --upgrade pip
+	$(call pip_install,$(BENCH_PY),-r benchmarks/requirements-bench.txt)
 	$(BENCH_PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
