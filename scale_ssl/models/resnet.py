@@ -14,7 +14,9 @@ the max-pool; ``first_conv=False`` and ``maxpool1=False`` do exactly that.
 
 Checkpoint compatibility: the returned module *is* a ``torchvision.models.ResNet`` whose only
 changes are (a) ``conv1`` when ``first_conv=False`` or ``in_channels != 3``, (b) ``maxpool`` set to
-``nn.Identity()`` when ``maxpool1=False`` and (c) ``fc`` set to ``nn.Identity()``. Its
+``nn.Identity()`` when ``maxpool1=False`` and (c) ``fc`` set to ``nn.Identity()``; its convs are
+``OnePixelConv2d``, an ``nn.Conv2d`` with the same parameters that only computes a 1x1 output
+faster (``scale_ssl/models/one_pixel_conv.py``). Its
 ``state_dict()`` therefore loads with ``strict=True`` into a torchvision model given the same
 changes, e.g. for ``build_resnet_encoder("resnet18", in_channels=1, first_conv=False,
 maxpool1=False)``::
@@ -33,6 +35,8 @@ from typing import Callable
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
+
+from scale_ssl.models.one_pixel_conv import use_one_pixel_convs
 
 
 def _resnet10(**kwargs) -> ResNet:
@@ -113,4 +117,7 @@ def build_resnet_encoder(
 
     feature_dim = encoder.fc.in_features
     encoder.fc = nn.Identity()
+    # On small images the last stage runs at 1 x 1, where a 3 x 3 conv's backward is ~15x dearer
+    # than the same arithmetic as a matrix product (models/one_pixel_conv.py): same weights, same result.
+    use_one_pixel_convs(encoder)
     return encoder, feature_dim
