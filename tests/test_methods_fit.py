@@ -1,6 +1,6 @@
 """Each new method's fmnist config trains for real: 2 DDP gloo ranks launched like torchrun,
 streaming the real Fashion-MNIST shards through ``scale_ssl.cli.fit.run_fit``; the loss goes
-down. The slow variant trains longer and must beat a randomly initialised encoder on kNN."""
+down. (How good each method's encoder gets is measured by benchmarks/quality_fmnist.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ import pytest
 import torch
 
 from scale_ssl.config import load_config
-from scale_ssl.data import EvalTransform
-from scale_ssl.data.full_pass import full_pass_batches
-from scale_ssl.eval import extract_features, knn_accuracy
-from scale_ssl.methods import METHODS
 from tests.distributed import run_on_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,37 +82,7 @@ def test_short_real_fit_on_two_ddp_ranks_lowers_the_loss(method, fmnist_shards, 
     assert last < first
 
 
-def knn_of(encoder, config, num_classes=10):
-    d = config.data
-    transform = EvalTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std))
-    bank, bank_labels = extract_features(encoder, full_pass_batches(d.train_shards, transform, batch_size=200))
-    test, test_labels = extract_features(encoder, full_pass_batches(d.val_shards, transform, batch_size=200))
-    return knn_accuracy(test, test_labels, bank, bank_labels, num_classes, k=20, temperature=0.1)
-
-
-# Measured (60 steps x global batch 64 on the 600-image fixture, 2 DDP ranks, ~5 min each):
-# kNN top-1 trained vs random init: swav 0.692 vs 0.692, moco 0.688 vs 0.692, byol 0.697 vs 0.692,
-# simsiam 0.685 vs 0.692. Again after exact mode began splitting epochs by sample (9 steps of 576
-# samples per epoch instead of 8 of 512: another sample order): byol 0.672, simsiam 0.710 vs 0.692,
-# so at this budget the verdict of byol and simsiam is within the noise of the data order. A random-init ResNet is a strong kNN baseline on Fashion-MNIST, and this
-# budget is not enough for three of the four methods to pass it: those are expected failures until
-# the budget (or the recipe) is raised; they stay non-strict so a pass is reported, not hidden.
-_NOT_YET = pytest.mark.xfail(strict=False, reason="60-step budget does not beat random-init kNN yet (see comment)")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-@pytest.mark.parametrize("method", [pytest.param("swav", marks=_NOT_YET), pytest.param("moco", marks=_NOT_YET),
-                                    pytest.param("byol", marks=_NOT_YET), "simsiam"])
-def test_fit_beats_a_random_init_encoder_on_knn(method, fmnist_shards, tmp_path):
-    config, losses, state = fit_two_ranks(method, fmnist_shards, tmp_path, steps=60)
-    first, last = loss_went_down(method, losses, 5)
-    model_kwargs = dict(config.model)
-    torch.manual_seed(config.trainer.seed)  # how `scale-ssl eval knn --baselines` builds its random init
-    random_init = METHODS[config.method](**model_kwargs)
-    trained = METHODS[config.method](**model_kwargs)
-    trained.load_state_dict(state)
-    random_acc, trained_acc = knn_of(random_init.encoder, config), knn_of(trained.encoder, config)
-    print(f"{method}: loss {first:.4f} -> {last:.4f}; kNN top-1 trained {trained_acc:.3f} vs random init {random_acc:.3f}")
-    assert last < first
-    assert trained_acc > random_acc
+# Whether a method beats its random-init encoder is a quality measurement on the whole data set at a
+# real budget (benchmarks/quality_fmnist.py, docs/BENCHMARKS.md "Quality on Fashion-MNIST"; the
+# demo report prints its own verdict), not a test: on a 600-image fixture after 60 steps the
+# trained and random-init kNN differed by less than the data order moves them (0.67-0.71 vs 0.69).
