@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.augment_throughput import write_doc_region  # noqa: E402
 from scale_ssl.losses import NTXentLoss  # noqa: E402
 from scale_ssl.models import ProjectionHead, build_resnet_encoder  # noqa: E402
-from scale_ssl.models.one_pixel_conv import OnePixelConv2d  # noqa: E402
+from scale_ssl.models.one_pixel_conv import use_plain_convs  # noqa: E402
 
 REGION = "one_pixel_conv"
 DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
@@ -49,9 +49,7 @@ DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
 
 def _as_plain_conv2d(module: nn.Module) -> nn.Module:
     plain = copy.deepcopy(module)
-    for child in plain.modules():
-        if type(child) is OnePixelConv2d:
-            child.__class__ = nn.Conv2d
+    use_plain_convs(plain)
     return plain
 
 

@@ -7,20 +7,17 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from scale_ssl.models import build_resnet_encoder
-from scale_ssl.models.one_pixel_conv import OnePixelConv2d, use_one_pixel_convs
+from scale_ssl.models.one_pixel_conv import OnePixelConv2d, use_one_pixel_convs, use_plain_convs
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
     """A deep copy with every OnePixelConv2d turned back into nn.Conv2d (the reference)."""
     plain = copy.deepcopy(module)
-    for child in plain.modules():
-        if type(child) is OnePixelConv2d:
-            child.__class__ = nn.Conv2d
+    use_plain_convs(plain)
     return plain
 
 

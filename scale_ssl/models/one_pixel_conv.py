@@ -68,3 +68,15 @@ def use_one_pixel_convs(module: nn.Module) -> int:
             child.__class__ = OnePixelConv2d
             turned += 1
     return turned
+
+
+def use_plain_convs(module: nn.Module) -> int:
+    """The inverse of :func:`use_one_pixel_convs`: turn every ``OnePixelConv2d`` inside ``module``
+    back into ``nn.Conv2d`` in place (what torchvision builds; for comparisons and benchmarks);
+    returns how many were turned."""
+    turned = 0
+    for child in module.modules():
+        if type(child) is OnePixelConv2d:
+            child.__class__ = nn.Conv2d
+            turned += 1
+    return turned
