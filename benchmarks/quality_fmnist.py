@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="pretraining budget per encoder")
     parser.add_argument("--steps", type=int, default=None,
-                        help="pretrain every SSL encoder for exactly this many steps instead of --budget-minutes (on a "
-                             "shared machine a wall-clock budget buys fewer steps than on an idle one)")
+                        help="train every encoder (the supervised one too) for exactly this many steps instead of "
+                             "--budget-minutes (on a shared machine a wall-clock budget buys fewer steps than on an idle "
+                             "one)")
     parser.add_argument("--linear-epochs", type=int, default=10)
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--shards", default=os.path.join(REPO, "data", "fashion-mnist"))
@@ -194,7 +195,9 @@ def main(argv=None) -> int:
                                                                      crop_scale=(0.5, 1.0)), seed=0)  # fmt: skip
 
     if not args.skip_supervised:
-        module, info = _budgeted_fit("supervised", supervised_module, supervised_stream, base, budget_s, args.smoke)
+        # --steps is the budget of every row, the supervised ceiling included.
+        module, info = _budgeted_fit("supervised", supervised_module, supervised_stream, base, budget_s, args.smoke,
+                                     args.steps)
         feats = (_features(module.encoder, bank, base.trainer.precision),
                  _features(module.encoder, test, base.trainer.precision))
         results["supervised encoder (same budget)"] = {**info, **_score("supervised", *feats, num_classes, args)}
