@@ -53,10 +53,11 @@ class OnePixelConv2d(nn.Conv2d):
         return tuple(window)
 
 
-def _can_take_matrix_form(conv: nn.Conv2d) -> bool:
-    # Grouped, dilated or non-zero-padded convolutions are not one matrix product of the window.
-    return type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros" \
-        and isinstance(conv.padding, tuple)  # fmt: skip
+def _can_take_matrix_form(module: nn.Module) -> bool:
+    # Grouped, dilated, non-zero-padded or "same"-padded (a string) convolutions are not one matrix
+    # product of the window; subclasses keep their own forward.
+    return (type(module) is nn.Conv2d and module.groups == 1 and module.dilation == (1, 1)
+            and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
 
 
 def use_one_pixel_convs(module: nn.Module) -> int:
@@ -64,7 +65,7 @@ def use_one_pixel_convs(module: nn.Module) -> int:
     (parameters, buffers and hooks untouched); returns how many were turned."""
     turned = 0
     for child in module.modules():
-        if isinstance(child, nn.Conv2d) and _can_take_matrix_form(child):
+        if _can_take_matrix_form(child):
             child.__class__ = OnePixelConv2d
             turned += 1
     return turned
