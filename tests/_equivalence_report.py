@@ -122,7 +122,9 @@ def render(results: list[E.Result]) -> str:
         f"{platform.machine()}, {len(results)} of the {len(E.ALL_CELLS)} cells ({_coverage(by_id)}), "
         f"{E.STEPS} optimizer steps each, global batch {E.GLOBAL_BATCH}. "
         f"fp32 tolerances (teacher-forced, one step from the same state): {fp32_tol}. bf16: every figure at most "
-        f"{E.BF16_FLOOR_FACTOR:g} x the one-process reordering floor (in parentheses) + {E.BF16_SLACK:g}.",
+        f"{E.BF16_FLOOR_FACTOR:g} x the one-process reordering floor (in parentheses: the largest distance between "
+        f"any two of {E.REORDERINGS + 1} one-process runs of the same precision scheme whose only difference is the "
+        f"order of the batch rows) + {E.BF16_SLACK:g}.",
         "",
         "### fp32: parameters after each step vs one process (largest over the six steps)",
         "",

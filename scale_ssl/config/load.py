@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from scale_ssl.config.schema import RunConfig
+from scale_ssl.runtime.precision_choice import AUTO, resolve_precision
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,10 @@ def load_config(
     except (OmegaConfBaseException, TypeError, ValueError) as err:  # e.g. a mapping where a list belongs
         raise ConfigError(f"config: {_first_line(err)}; compare with the schema in scale_ssl/config/schema.py") from None
     validate_config(config)
+    # `auto` becomes the concrete precision here, once, so everything that reads the config (the
+    # strategies, feature extraction, the step-cost estimate, the checkpoint it is saved into, and
+    # so a resume on other hardware) sees what this run trains in.
+    config.trainer.precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
     return config
 
 
@@ -69,8 +74,8 @@ def validate_config(config: DictConfig) -> None:
         raise ConfigError(f"method={config.method!r} is not known; use one of {sorted(METHODS)}")
     if t.strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={t.strategy!r} is not known; use one of {sorted(STRATEGIES)}")
-    if str(t.precision) not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={t.precision!r} is not supported; use one of {PRECISIONS}")
+    if str(t.precision) not in (*PRECISIONS, AUTO):
+        raise ConfigError(f"trainer.precision={t.precision!r} is not supported; use one of {(*PRECISIONS, AUTO)}")
     for key in ("global_batch_size", "accumulate_grad_batches", "log_every_n_steps"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")

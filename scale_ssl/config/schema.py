@@ -33,7 +33,10 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     max_steps: int = -1
     max_epochs: Optional[int] = None
-    precision: str = "32"
+    # "auto": bf16-mixed where the device runs bf16 natively (TPU, CUDA sm80+, CPUs with
+    # AVX512-BF16/AMX), else "32" (bf16 emulated is slower than fp32); resolved when the config
+    # is loaded (scale_ssl/runtime/precision_choice.py). Or "32", "bf16-mixed", "16-mixed" (CUDA).
+    precision: str = "auto"
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: str = "norm"
     log_every_n_steps: int = 50

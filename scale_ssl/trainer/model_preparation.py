@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scale_ssl.runtime.precision_choice import native_cpu_bf16
 from scale_ssl.trainer.settings import CHANNELS_LAST_STRATEGIES, TrainerSettings
 
 
@@ -39,14 +40,6 @@ def wants_channels_last(module, settings: TrainerSettings, strategy) -> bool:
         return False
     device = strategy.root_device.type
     return device == "cuda" or (device == "cpu" and settings.precision_name == "bf16-mixed" and native_cpu_bf16())
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU runs oneDNN's bf16 kernels natively (AVX512-BF16 / AMX), not emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def compile_encoder(module) -> None:

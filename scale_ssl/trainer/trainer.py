@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from scale_ssl.runtime import CollectiveFailure, is_collective_failure
+from scale_ssl.runtime.precision_choice import resolve_precision
 from scale_ssl.strategies import Strategy, build_strategy
 from scale_ssl.strategies.step_settings import StepSettings
 from scale_ssl.trainer.callback import Callback
@@ -83,7 +84,8 @@ class Trainer:
         max_epochs / min_epochs / max_steps / min_steps: stop bounds; ``should_stop`` (e.g. from
             EarlyStopping) is honoured only once the minimums are reached. With neither
             ``max_epochs`` nor ``max_steps`` one epoch runs.
-        precision: "32", "bf16-mixed", "16-mixed" (CUDA only).
+        precision: "32", "bf16-mixed", "16-mixed" (CUDA only), or "auto": bf16-mixed where the device
+            runs bf16 natively, else "32" (scale_ssl/runtime/precision_choice.py).
         accumulate_grad_batches: micro-batches per optimizer step; the loss is divided by it and
             DDP skips gradient sync on all but the last micro-batch.
         gradient_clip_val / gradient_clip_algorithm: clip by global norm ("norm") or value.
@@ -170,6 +172,8 @@ class Trainer:
         channels_last: bool | None = None,
         use_distributed_sampler: bool = True,
     ):
+        options = dict(strategy_options or {})
+        precision = resolve_precision(precision, options.get("accelerator", "auto"))
         self.settings = TrainerSettings.from_arguments(
             max_epochs=max_epochs, min_epochs=min_epochs, max_steps=max_steps, min_steps=min_steps,
             precision=precision, accumulate_grad_batches=accumulate_grad_batches,
@@ -185,7 +189,6 @@ class Trainer:
             max_consecutive_nonfinite=max_consecutive_nonfinite, compile_model=compile_model,
             channels_last=channels_last, use_distributed_sampler=use_distributed_sampler,
         )
-        options = dict(strategy_options or {})
         if strategy == "fsdp":  # FSDP casts parameters itself: it needs the run's precision
             options.setdefault("precision", str(precision))
         self.strategy = build_strategy(strategy, **options)
@@ -410,7 +413,7 @@ class Trainer:
         if settings.precision_name == "bf16-mixed" and strategy.root_device.type == "cpu" and not native_cpu_bf16():
             warnings.warn(
                 "trainer.precision='bf16-mixed' on a CPU whose oneDNN has no native bf16 (no AVX512-BF16 or AMX): "
-                "bf16 is emulated here and slower than fp32; set trainer.precision=32 for speed on this machine",
+                "bf16 is emulated here and slower than fp32; set trainer.precision=auto (or 32) for speed on this machine",
                 stacklevel=2,
             )
         # prepare_data writes to disk: once per node, before any rank builds a loader.
