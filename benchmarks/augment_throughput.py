@@ -52,6 +52,7 @@ sys.path.insert(0, HERE)
 import cv2  # noqa: E402
 import torch  # noqa: E402
 
+import doc_region  # noqa: E402
 from photos import benchmark_jpegs  # noqa: E402
 from scale_ssl.data import MultiCropViews, SimCLRViews  # noqa: E402
 
@@ -479,18 +480,7 @@ def markdown(results: dict, args, info: dict, origin: str) -> dict[str, str]:
 
 
 def write_doc_region(region: str, text: str, path: str = DOC) -> None:
-    begin, end = f"<!-- {region}:begin -->", f"<!-- {region}:end -->"
-    doc = open(path).read()
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        doc = head + block + rest.split(end, 1)[1]
-    else:
-        if SECTION not in doc:
-            doc = doc.rstrip("\n") + f"\n\n{SECTION}\n"
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(doc)
+    doc_region.write_doc_region(region, text, path, section=SECTION)
 
 
 def main(argv=None) -> None:

@@ -30,9 +30,14 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import doc_region  # noqa: E402
+
 DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
-BEGIN, END = "<!-- clean_exit:begin -->", "<!-- clean_exit:end -->"
+SECTION = "## Clean exits of finished multi-rank runs"
 UNCLEAN_MARKERS = ("terminate called", "core dumped")
 
 USER_SCRIPT = r'''
@@ -98,15 +103,7 @@ def script_once(script: str) -> tuple[bool, str]:
 
 
 def write_doc(rows: list[str]) -> None:
-    with open(DOC) as handle:
-        text = handle.read()
-    block = BEGIN + "\n" + "\n".join(rows) + "\n" + END
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n## Clean exits of finished multi-rank runs\n\n`benchmarks/clean_exit.py --runs 50 --write-doc`\n\n" + block + "\n"
-    with open(DOC, "w") as handle:
-        handle.write(text)
+    doc_region.write_doc_region("clean_exit", "\n".join(rows), DOC, section=SECTION)
 
 
 def main() -> int:

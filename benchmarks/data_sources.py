@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import doc_region  # noqa: E402
 from data_throughput import BATCH, DecodeOnly, make_folder  # noqa: E402
 
 from scale_ssl.data import EpochShardPlan, ShardedImageStream, make_imagefolder_shards  # noqa: E402
@@ -118,18 +119,8 @@ def drop_table(epochs: int = 4) -> list[str]:
     return lines
 
 
-def write_section(markdown: str) -> Path:
-    path = REPO / "docs" / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    own = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if own.search(text):
-        text = own.sub(lambda _: markdown, text)
-    else:
-        after = re.compile(rf"^{re.escape(AFTER)}\n.*?(?=^## |\Z)", re.S | re.M).search(text)
-        at = after.end() if after else len(text)
-        text = text[:at].rstrip("\n") + "\n\n" + markdown + ("\n" + text[at:] if text[at:] else "")
-    path.write_text(text)
-    return path
+def write_section(markdown: str) -> str:
+    return doc_region.write_doc_section(markdown, SECTION, after=AFTER)
 
 
 def main() -> None:

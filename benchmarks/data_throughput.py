@@ -18,7 +18,6 @@ import argparse
 import io
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,9 @@ from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import doc_region  # noqa: E402
 
 from scale_ssl.data import ShardedImageStream, SimCLRViews, make_imagefolder_shards  # noqa: E402
 
@@ -137,17 +139,8 @@ def median_rate(measure, repeats: int) -> float:
     return statistics.median(measure() for _ in range(repeats))
 
 
-def write_section(markdown: str) -> Path:
-    path = REPO / "docs" / "BENCHMARKS.md"
-    path.parent.mkdir(exist_ok=True)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: markdown, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + markdown
-    path.write_text(text)
-    return path
+def write_section(markdown: str) -> str:
+    return doc_region.write_doc_section(markdown, SECTION)
 
 
 def goal_verdicts(rows: dict, bare_pil: float, repeats: int) -> list[str]:

@@ -47,7 +47,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from trainer_overhead import _facts, _load_text, write_doc_region  # noqa: E402
+from trainer_overhead import _facts, _load_text, write_doc_region  # noqa: E402  (its ## Performance section)
 
 METHODS = ("simclr", "swav", "byol", "moco", "simsiam")
 WORKERS = (0, 1, 2)

@@ -41,6 +41,9 @@ import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import doc_region  # noqa: E402
 
 DEMO_CONFIG = os.path.join(ROOT, "configs", "simclr", "fmnist_cpu.yaml")
 DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
@@ -197,13 +200,10 @@ def markdown(summary: dict, load_start, load_end) -> str:
 
 
 def write_doc_region(text: str, path: str = DOC) -> None:
-    begin, end = f"<!-- {REGION}:begin -->", f"<!-- {REGION}:end -->"
     doc = open(path).read()
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"{path} has no {begin} ... {end} markers to replace")
-    head, rest = doc.split(begin, 1)
-    with open(path, "w") as handle:
-        handle.write(head + begin + "\n" + text.rstrip() + "\n" + end + rest.split(end, 1)[1])
+    if f"<!-- {REGION}:begin -->" not in doc or f"<!-- {REGION}:end -->" not in doc:
+        raise SystemExit(f"{path} has no <!-- {REGION}:begin --> ... end markers to replace")
+    doc_region.write_doc_region(REGION, text, path)
 
 
 def main(argv=None) -> dict:

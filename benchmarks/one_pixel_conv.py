@@ -38,7 +38,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.augment_throughput import write_doc_region  # noqa: E402
+from benchmarks.doc_region import write_doc_region  # noqa: E402
 from scale_ssl.losses import NTXentLoss  # noqa: E402
 from scale_ssl.models import ProjectionHead, build_resnet_encoder  # noqa: E402
 from scale_ssl.models.one_pixel_conv import use_plain_convs  # noqa: E402

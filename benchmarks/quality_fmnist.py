@@ -2,11 +2,12 @@
 encoder and a supervised encoder of the same architecture and budget. Slow, not in CI.
 
 For each method of ``--methods`` (configs ``configs/<method>/fmnist_cpu.yaml``: resnet10, 1-channel
-28 px stem, global batch 256, bf16 autocast; DINO: a ViT-mini/7 in fp32), in one process on this
-machine's cores:
+28 px stem, global batch 256, ``--precision`` (default auto: fp32 on a CPU without native bf16);
+DINO: a ViT-mini/7 in fp32), in one process on this machine's cores:
 
-1. calibrate: time a few steps, then set ``max_steps`` so pretraining fits ``--budget-minutes``
-   (the warmup-cosine schedule then spans the real run, not a run cut short);
+1. budget: ``--steps`` fixes every encoder's steps (a load-independent, equal budget); otherwise
+   a few steps are timed and ``max_steps`` set so pretraining fits ``--budget-minutes`` (the
+   warmup-cosine schedule then spans the real run, not a run cut short);
 2. pretrain (trainer ``single``; the data stream and losses are the distributed ones at world 1);
 3. kNN top-1 (k=200, T=0.1, cosine, weighted; bank = the 60k train split, scored = the 10k test
    split) and a linear probe (top-1/top-5): ``scale_ssl.eval.feature_probe`` (the probe
@@ -53,7 +54,6 @@ from scale_ssl.methods import METHODS  # noqa: E402
 from scale_ssl.models import build_resnet_encoder  # noqa: E402
 from scale_ssl.strategies import build_strategy  # noqa: E402
 from scale_ssl.trainer import Callback  # noqa: E402
-from scale_ssl.trainer.trainer import native_cpu_bf16  # noqa: E402
 
 ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam", "dino")
 
@@ -101,7 +101,8 @@ def _budgeted_fit(name, make_module, make_stream, config, budget_s: float, smoke
     else:
         per_step = _seconds_per_step(make_module, make_stream, config, steps=6)
         steps = max(10, int(budget_s / per_step))
-    print(f"[{name}] {steps} steps ({per_step:.2f} s/step measured)", flush=True)
+    budget = "fixed" if per_step != per_step else f"{per_step:.2f} s/step measured"  # NaN: not measured
+    print(f"[{name}] {steps} steps ({budget})", flush=True)
     module = make_module()
     start = time.perf_counter()
     _fit(module, make_stream(), config, max_steps=steps)
@@ -137,8 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "quality_fmnist"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--precision", default="auto",
-                        help="trainer.precision for every fit: 32, bf16-mixed, or auto (the configs' bf16-mixed where "
-                             "the CPU runs bf16 natively, fp32 where bf16 would be emulated and slower)")
+                        help="trainer.precision for every fit: 32, bf16-mixed, or auto (bf16-mixed where the CPU runs "
+                             "bf16 natively, fp32 where bf16 would be emulated and slower)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per encoder: checks the script runs")
     parser.add_argument("--skip-supervised", action="store_true",
                         help="leave out the supervised baseline (it costs one more budget); raw pixels and "
@@ -162,10 +163,7 @@ def main(argv=None) -> int:
 
     # Smoke: small batches and no loader workers, so the 2 steps per encoder take seconds; every run: --precision.
     overrides = ["trainer.global_batch_size=64", "data.num_workers=0"] if args.smoke else []
-    if args.precision == "auto":
-        args.precision = None if native_cpu_bf16() else "32"
-    if args.precision is not None:
-        overrides.append(f"trainer.precision={args.precision}")
+    overrides.append(f"trainer.precision={args.precision}")
     base = _config("simclr", shards, args.out, overrides)
     d = base.data
     view = EvalTransform(d.image_size, d.channels, tuple(d.mean), tuple(d.std))

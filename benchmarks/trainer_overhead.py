@@ -50,6 +50,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import doc_region  # noqa: E402
 
 SUITES = {
     # name: (world size, contenders in rotation order, (numerator, denominator) pairs to report).
@@ -137,10 +140,11 @@ def _run_ours(args, world: int, rank: int, local: bool, precision: str = "32"):
 
 
 def _fast_precision() -> str:
-    """bf16-mixed where this CPU's oneDNN runs bf16 natively, else fp32 (emulated bf16 is slower)."""
-    from scale_ssl.trainer.model_preparation import native_cpu_bf16
+    """What ``trainer.precision=auto`` picks here: bf16-mixed where this CPU's oneDNN runs bf16
+    natively, else fp32 (emulated bf16 is slower)."""
+    from scale_ssl.runtime.precision_choice import resolve_precision
 
-    return "bf16-mixed" if native_cpu_bf16() else "32"
+    return resolve_precision("auto", "cpu")
 
 
 def _run_hand(args, world: int, rank: int, best: bool = False):
@@ -466,21 +470,8 @@ SECTION = "## Performance"
 
 
 def write_doc_region(region: str, markdown: str, path: str = DOC) -> None:
-    """Replace the text between ``<!-- region:begin -->`` and ``<!-- region:end -->`` in the
-    ``## Performance`` section (adding the section and markers at the end when missing), so the
-    prose around the tables survives a re-run."""
-    begin, end = f"<!-- {region}:begin -->", f"<!-- {region}:end -->"
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = f"{begin}\n{markdown.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        if SECTION not in text:
-            text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    """Our region of the ``## Performance`` section (benchmarks/doc_region.py)."""
+    doc_region.write_doc_region(region, markdown, path, section=SECTION)
 
 
 def main(argv=None) -> None:
