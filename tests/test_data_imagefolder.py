@@ -14,7 +14,6 @@ import torchvision
 
 from scale_ssl.data import ShardedImageStream, ShardIndex, make_imagefolder_shards
 from tests._data_images import make_image_folder
-from tests._dist_workers_data import pixels_as_tensor
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import torch
 from scale_ssl.strategies import DeepSpeedStrategy
 from scale_ssl.strategies.deepspeed import consolidate_checkpoint
 from scale_ssl.strategies.step_settings import StepSettings
-from scale_ssl.trainer import Trainer
 from tests.test_strategy_matrix import TinyContrastive
 
 pytest.importorskip("deepspeed")

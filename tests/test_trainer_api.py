@@ -210,7 +210,7 @@ def test_lbfgs_gets_a_closure_from_the_trainer():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda m: {"optimizer": (o := _sgd(m)), "lr_scheduler": {"interval": "step"}}, "needs a 'scheduler' key"),
+        (lambda m: {"optimizer": _sgd(m), "lr_scheduler": {"interval": "step"}}, "needs a 'scheduler' key"),
         (lambda m: {"optimizer": (o := _sgd(m)), "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(o, 1), "interval": "batch"}},
          "interval='batch'"),
         (lambda m: {"optimizer": (o := _sgd(m)), "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(o)}},

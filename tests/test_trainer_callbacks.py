@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from scale_ssl.strategies import DDPStrategy
 from scale_ssl.trainer import (

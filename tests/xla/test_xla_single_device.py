@@ -5,10 +5,6 @@ XLA and the CPU strategies; no recompilation after the first steps; launch traps
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch_xla.debug.metrics as met
