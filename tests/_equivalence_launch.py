@@ -3,8 +3,26 @@ the session (the ``equivalence`` fixture in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import shutil
+
 from tests import _equivalence as E
 from tests.distributed import run_on_ranks
+
+
+# A launch writes every step's full state (parameters, optimizer state, queue, EMA target) of its
+# cells and references; a disk that fills up mid-launch shows only as torch.load's "Ran out of
+# input" or torch.save's "unexpected pos" in some cell, so the launch refuses to start instead.
+MIN_FREE_GIB = 2.0
+
+
+def check_free_space(root: str, launch: str) -> None:
+    free_gib = shutil.disk_usage(root).free / 2**30
+    if free_gib < MIN_FREE_GIB:
+        raise RuntimeError(
+            f"only {free_gib:.2f} GiB free under {root}; the {launch} launch of the equivalence matrix writes "
+            f"each step's state there and needs {MIN_FREE_GIB:g} GiB: free some space (old pytest base "
+            "directories under /tmp/pytest-of-*/ are the usual cause) and run again"
+        )
 
 
 class Matrix:
@@ -39,6 +57,7 @@ class Matrix:
             raise AssertionError(f"the {launch} launch failed: {self.failures[launch]}")
 
     def _launch(self, launch: str) -> None:
+        check_free_space(self.root, launch)
         cells = [c for c in self.selected if E.LAUNCH[c.backend] == launch]
         jobs = E.reference_jobs(cells)
         for method, kind in jobs:

@@ -55,3 +55,12 @@ def test_doc_has_every_section_marker():
     for owner in ("main", "xla", "large-world"):
         assert text.count(f"<!-- equivalence:{owner}:begin -->") == 1, owner
         assert text.count(f"<!-- equivalence:{owner}:end -->") == 1, owner
+
+
+def test_a_launch_refuses_to_start_on_a_full_disk(tmp_path, monkeypatch):
+    from tests import _equivalence_launch as launch
+
+    launch.check_free_space(str(tmp_path), "ddp2")  # this machine has the space
+    monkeypatch.setattr(launch, "MIN_FREE_GIB", 1e9)  # more than any disk: as if it were full
+    with pytest.raises(RuntimeError, match=r"GiB free under .*the ddp2 launch .*free some space"):
+        launch.check_free_space(str(tmp_path), "ddp2")
