@@ -17,11 +17,11 @@ DINO: a ViT-mini/7 in fp32), in one process on this machine's cores:
    CPU; ``scale-ssl eval linear`` is the augmented protocol.
 
 Baselines: raw pixels (kNN and linear on the 784 normalised pixels), a randomly initialised
-encoder of each architecture in the table (the ResNet-10, and the ViT of a ViT method, built by
-that method with its config's seed), and a supervised encoder (the same arch trained with labels for the same budget, crop +
+encoder of each architecture in the table (the ResNet-10, the ViT of a ViT method, AMDIM's and
+CPC v2's own encoders, each built by its method with its config's seed), and a supervised encoder (the same arch trained with labels for the same budget, crop +
 flip augmentation, then probed the same way).
 
-    .venv/bin/python benchmarks/quality_fmnist.py                 # the table (about 1.5 h)
+    .venv/bin/python benchmarks/quality_fmnist.py --steps 240     # the table at the demo's budget
     .venv/bin/python benchmarks/quality_fmnist.py --smoke          # end to end in a few minutes
 
 Writes ``<out>/results.json`` and prints the Markdown table for ``docs/BENCHMARKS.md``.
@@ -55,7 +55,7 @@ from scale_ssl.models import build_resnet_encoder  # noqa: E402
 from scale_ssl.strategies import build_strategy  # noqa: E402
 from scale_ssl.trainer import Callback  # noqa: E402
 
-ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam", "dino")
+ALL_METHODS = ("simclr", "swav", "byol", "moco", "simsiam", "amdim", "cpc_v2", "dino")
 
 
 class StopAfter(Callback):
@@ -213,7 +213,8 @@ def main(argv=None) -> int:
             return build_train_stream(config, strategy, config.trainer.global_batch_size)
 
         precision = config.trainer.precision
-        arch = resolved["model"].get("arch", resolved["model"].get("base_encoder"))
+        # AMDIM and CPC v2 ship their own encoders (no `arch`): each gets its own random-init row.
+        arch = resolved["model"].get("arch") or resolved["model"].get("base_encoder") or f"{method} encoder"
         if arch != encoder_args["arch"] and f"random-init encoder ({arch})" not in results:
             # A method with another backbone (a ViT) gets its own random-init baseline.
             random_module = make_module()
